@@ -1,0 +1,160 @@
+"""Rank 0's bridge between the web server and the pipeline.
+
+``FrontDoor`` implements the server's ``PipelineHooks``: camera frames go into the
+``SessionQueue`` (the ingest stage's inbox), config changes go to ``LiveConfig`` and
+out over the control plane. ``OutputSink`` is the last stage's downstream "channel":
+it hands finished frames to the server, keeping each session's frames in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+
+from comms.channel import Channel, LinkStats
+from comms.errors import ChannelClosed
+from comms.message import Kind, Message
+from runtime.aggregate import Aggregator
+from runtime.live_config import LiveConfig, settings_to_dict
+from runtime.live_view import LiveView
+from runtime.session_queue import SessionQueue
+from stages.server.hooks import SessionSink
+
+log = logging.getLogger(__name__)
+
+
+class FrontDoor:
+    def __init__(self, *, live_config: LiveConfig, live_view: LiveView, inbox: SessionQueue,
+                 aggregator: Aggregator, broadcast: Callable[[int], None],
+                 health: Callable[[], dict[str, Any]]) -> None:
+        self.live_config = live_config
+        self.live_view = live_view
+        self.inbox = inbox
+        self.aggregator = aggregator
+        self._broadcast = broadcast
+        self._health = health
+        self._config_lock = threading.Lock()
+
+    # -- sessions and frames ---------------------------------------------------------
+
+    def open_session(self, session: str) -> None:
+        log.info("session %s connected", session)
+
+    def close_session(self, session: str) -> None:
+        self.inbox.drop_session(session)
+        self.aggregator.forget_session(session)
+        log.info("session %s left", session)
+
+    def submit_frame(self, session: str, frame_id: int, client_ts: float, jpeg: bytes,
+                     width: int, height: int) -> None:
+        data = torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
+        msg = Message(kind=Kind.CAMERA_JPEG, session=session, frame_id=frame_id,
+                      revision=self.live_view.get().revision, client_ts=client_ts,
+                      meta={"width": width, "height": height}, tensors=[data])
+        self.inbox.send(msg.stamp("server.recv"))
+
+    # -- live config -----------------------------------------------------------------
+
+    def update_config(self, partial: dict[str, Any]) -> dict[str, Any]:
+        with self._config_lock:  # one change at a time reaches every rank in order
+            revision, settings = self.live_config.update(partial)
+            self._adopt(revision, settings)
+        return self.config_current()
+
+    def apply_preset(self, name: str) -> dict[str, Any]:
+        with self._config_lock:
+            revision, settings = self.live_config.apply_preset(name)
+            self._adopt(revision, settings)
+        return self.config_current()
+
+    def _adopt(self, revision: int, settings) -> None:
+        self.live_view.set(revision, settings)
+        flushed = self.inbox.flush()
+        self._broadcast(revision)
+        log.info("live config revision %d (%d queued frames flushed)", revision, flushed)
+
+    def config_current(self) -> dict[str, Any]:
+        revision, settings = self.live_config.current()
+        stats = self.aggregator.stats()
+        return {
+            "config": settings_to_dict(settings),
+            "revision": revision,
+            "presets": self.live_config.presets,
+            "status": {"ranks": stats["ranks"], "fps": stats["fps"]},
+        }
+
+    # -- observability ---------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return self._health()
+
+    def stats(self) -> dict[str, Any]:
+        return self.aggregator.stats()
+
+    def metrics_text(self) -> bytes:
+        return self.aggregator.prometheus_text()
+
+
+class OutputSink(Channel):
+    """Downstream end of the last stage: delivers encoded frames to browser sessions.
+
+    Replicas can finish frames out of order; a frame older than one already shown to
+    its session is dropped (counted as late): a mirror must never step backwards.
+    """
+
+    def __init__(self, sink: SessionSink, aggregator: Aggregator, name: str = "sink") -> None:
+        self.name = name
+        self.capacity = 1 << 30
+        self.stats = LinkStats()
+        self._sink = sink
+        self._aggregator = aggregator
+        self._last_frame: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def send(self, msg: Message, timeout: float | None = None) -> None:
+        if self._closed:
+            raise ChannelClosed(f"{self.name} is closed")
+        if msg.kind == Kind.EVENT:
+            self.deliver_event(msg)
+            return
+        with self._lock:
+            last = self._last_frame.get(msg.session, -1)
+            in_order = msg.frame_id > last
+            if in_order:
+                self._last_frame[msg.session] = msg.frame_id
+        if not in_order:
+            self._aggregator.on_late()
+            return
+        msg.stamp("server.send")
+        jpeg = msg.tensors[0].cpu().numpy().tobytes()
+        vision = msg.meta.get("vision", {"frame_id": msg.frame_id, "faces": []})
+        start = time.perf_counter()
+        self._sink.deliver_output(msg.session, msg.frame_id, msg.client_ts, jpeg, vision)
+        self.stats.record_send(len(jpeg), time.perf_counter() - start)
+        self._aggregator.on_delivered(msg)
+
+    def deliver_event(self, msg: Message) -> None:
+        code = str(msg.meta.get("code", "pipeline_error"))
+        message = str(msg.meta.get("message", "the pipeline could not process a frame"))
+        if msg.session:
+            self._sink.deliver_error(msg.session, code, message)
+        else:
+            log.warning("pipeline event without a session: %s: %s", code, message)
+
+    def recv(self, timeout: float | None = None) -> Message:
+        raise ChannelClosed(f"{self.name} only delivers to the server")
+
+    def credits(self) -> int:
+        return self.capacity
+
+    def forget(self, session: str) -> None:
+        with self._lock:
+            self._last_frame.pop(session, None)
+
+    def close(self) -> None:
+        self._closed = True

@@ -1,0 +1,98 @@
+"""The ingest inbox: per-session bounded queues that drop the oldest frame when behind.
+
+Browser sessions push camera frames here (``send`` never blocks); the ingest stage
+takes them (``recv``) round-robin across sessions, so one fast client cannot starve a
+slow one. When the pipeline falls behind, each session keeps only its newest
+``depth`` frames: showing a live mirror late is worse than skipping frames. A live
+config change ``flush``es every queued frame so no stale work enters the pipeline.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+
+from comms.channel import Channel, LinkStats
+from comms.errors import ChannelClosed, ChannelTimeout
+from comms.message import Message
+
+
+class SessionQueue(Channel):
+    def __init__(self, name: str = "sessions", depth: int = 2) -> None:
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.name = name
+        self.capacity = depth
+        self.stats = LinkStats()
+        self._queues: OrderedDict[str, deque[Message]] = OrderedDict()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.dropped: dict[str, int] = {}
+        """Frames dropped per session because a newer one arrived while it waited."""
+        self.flushed = 0
+
+    def send(self, msg: Message, timeout: float | None = None) -> None:
+        """Queue a frame for its session; drops that session's oldest when full."""
+        with self._cond:
+            if self._closed:
+                raise ChannelClosed(f"{self.name} is closed")
+            queue = self._queues.get(msg.session)
+            if queue is None:
+                queue = self._queues[msg.session] = deque()
+            if len(queue) >= self.capacity:
+                queue.popleft()
+                self.dropped[msg.session] = self.dropped.get(msg.session, 0) + 1
+            queue.append(msg)
+            self._cond.notify()
+        self.stats.record_send(msg.payload_bytes, 0.0)
+
+    def recv(self, timeout: float | None = None) -> Message:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                msg = self._pop_round_robin()
+                if msg is not None:
+                    break
+                if self._closed:
+                    raise ChannelClosed(f"{self.name} is closed")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise ChannelTimeout(f"no frame on {self.name} within {timeout}s")
+                self._cond.wait(remaining)
+        self.stats.record_recv(msg.payload_bytes, 0.0)
+        return msg
+
+    def _pop_round_robin(self) -> Message | None:
+        for session in list(self._queues):
+            queue = self._queues[session]
+            if queue:
+                # Move the served session to the back: fair turns across sessions.
+                self._queues.move_to_end(session)
+                return queue.popleft()
+        return None
+
+    def credits(self) -> int:
+        return self.capacity
+
+    def drop_session(self, session: str) -> None:
+        with self._cond:
+            self._queues.pop(session, None)
+
+    def flush(self) -> int:
+        """Drop every queued frame (after a config change); returns how many."""
+        with self._cond:
+            n = sum(len(q) for q in self._queues.values())
+            for queue in self._queues.values():
+                queue.clear()
+            self.flushed += n
+            return n
+
+    def queued(self) -> int:
+        with self._cond:
+            return sum(len(q) for q in self._queues.values())
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()

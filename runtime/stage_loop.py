@@ -1,0 +1,219 @@
+"""The loop that runs one stage replica: receive, micro-batch, process, route.
+
+    inputs (channels from upstream replicas, or the session queue)
+        -> gather up to ``max_batch`` messages (waiting ``batch_wait_ms`` at most)
+        -> drop stale frames (captured before the latest live-config change)
+        -> ``stage.process(batch)``
+        -> ``Router`` picks a downstream replica per output (credits = backpressure)
+
+A failing batch is logged, counted and reported to its sessions; it does not stop the
+stage. A broken link (``PeerFailure``) does: the rank reports it and shuts down.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import zlib
+from typing import Callable
+
+from comms.channel import Channel
+from comms.errors import ChannelClosed, ChannelTimeout, PeerFailure
+from comms.message import Kind, Message
+from runtime.live_view import LiveView
+from runtime.metrics import StageMetrics
+from stages.base import Stage
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.1
+"""How often a blocked loop looks at the stop flag; bounds shutdown latency."""
+
+
+class Router:
+    """Spreads one stage replica's outputs over the next stage's replicas.
+
+    ``round_robin`` takes turns, skipping replicas with no free credit; ``least_loaded``
+    picks the replica with the most free credits; ``session`` keeps each browser
+    session on one replica (for stages with per-session temporal state).
+    """
+
+    POLICIES = ("round_robin", "least_loaded", "session")
+
+    def __init__(self, channels: list[Channel], policy: str, stop: threading.Event) -> None:
+        if not channels:
+            raise ValueError("a router needs at least one downstream channel")
+        if policy not in self.POLICIES:
+            raise ValueError(f"routing policy {policy!r}; allowed: {', '.join(self.POLICIES)}")
+        self.channels = channels
+        self.policy = policy
+        self._stop = stop
+        self._turn = itertools.cycle(range(len(channels)))
+
+    def send(self, msg: Message) -> bool:
+        """Send to one replica, waiting for credit; False if stopping before it went."""
+        while not self._stop.is_set():
+            channel = self._choose(msg)
+            try:
+                channel.send(msg, timeout=POLL_S)
+                return True
+            except ChannelTimeout:
+                continue  # no credit yet: look at the stop flag, maybe pick another replica
+        return False
+
+    def _choose(self, msg: Message) -> Channel:
+        if len(self.channels) == 1:
+            return self.channels[0]
+        if self.policy == "session":
+            return self.channels[zlib.crc32(msg.session.encode()) % len(self.channels)]
+        if self.policy == "least_loaded":
+            return max(self.channels, key=lambda c: c.credits())
+        for _ in range(len(self.channels)):
+            channel = self.channels[next(self._turn)]
+            if channel.credits() > 0:
+                return channel
+        return self.channels[next(self._turn)]
+
+
+class StageRunner:
+    """Runs ``stage`` on its own thread until ``stop`` is set or its inputs end."""
+
+    def __init__(self, *, name: str, stage: Stage, inputs: list[Channel], router: Router,
+                 max_batch: int, batch_wait_ms: float, live: LiveView, metrics: StageMetrics,
+                 stop: threading.Event, publish_event: Callable[[Message], None],
+                 on_failure: Callable[[str], None]) -> None:
+        self.name = name
+        self.stage = stage
+        self.inputs = list(inputs)
+        self.router = router
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_ms / 1000.0
+        self.live = live
+        self.metrics = metrics
+        self.stop = stop
+        self.publish_event = publish_event
+        self.on_failure = on_failure
+        self.ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"stage-{name}", daemon=True)
+        self._next_input = 0
+        self._revision_seen = live.get().revision
+        self._error_logs = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            self.stage.setup()
+            self.ready.set()
+            while not self.stop.is_set() and self.inputs:
+                batch = self._gather()
+                if batch:
+                    self._process(batch)
+        except PeerFailure as e:
+            self.on_failure(f"stage {self.name}: {e}")
+        except Exception as e:  # setup failure or a bug in the loop itself
+            log.exception("stage %s failed", self.name)
+            self.on_failure(f"stage {self.name} failed: {e!r}")
+        finally:
+            self.ready.set()
+            try:
+                self.stage.teardown()
+            except Exception:
+                log.exception("stage %s teardown failed", self.name)
+
+    # -- receiving -------------------------------------------------------------------
+
+    def _recv_one(self, timeout: float) -> Message | None:
+        """Next message from any input, fairly; None on timeout. Drops ended inputs."""
+        deadline = time.monotonic() + timeout
+        wait = 0.0002
+        while self.inputs:
+            if len(self.inputs) == 1:
+                return self._try(self.inputs[0], max(0.0, deadline - time.monotonic()))
+            for _ in range(len(self.inputs)):
+                self._next_input = (self._next_input + 1) % len(self.inputs)
+                msg = self._try(self.inputs[self._next_input], 0)
+                if msg is not None:
+                    return msg
+                if not self.inputs:
+                    return None
+            if time.monotonic() >= deadline:
+                return None
+            # Several upstream replicas and none ready: back off briefly (no select()
+            # exists across channel kinds); 2 ms caps the added latency.
+            time.sleep(wait)
+            wait = min(wait * 2, 0.002)
+        return None
+
+    def _try(self, channel: Channel, timeout: float) -> Message | None:
+        try:
+            msg = channel.recv(timeout=timeout)
+        except ChannelTimeout:
+            return None
+        except ChannelClosed:
+            self.inputs.remove(channel)
+            self._next_input = 0
+            return None
+        if msg.kind == Kind.END:
+            self.inputs.remove(channel)
+            return None
+        return msg
+
+    def _gather(self) -> list[Message]:
+        first = self._recv_one(POLL_S)
+        if first is None:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.batch_wait_s
+        while len(batch) < self.max_batch:
+            msg = self._recv_one(max(0.0, deadline - time.monotonic()))
+            if msg is None:
+                break
+            batch.append(msg)
+        return batch
+
+    # -- processing ------------------------------------------------------------------
+
+    def _process(self, batch: list[Message]) -> None:
+        view = self.live.get()
+        if view.revision != self._revision_seen:
+            self._revision_seen = view.revision
+            self.stage.on_revision(view)
+        floor = self.live.flush_floor
+        fresh = [m for m in batch if m.revision >= floor]
+        if len(fresh) < len(batch):
+            self.metrics.count("flushed", len(batch) - len(fresh))
+        if not fresh:
+            return
+        start = time.perf_counter()
+        try:
+            outputs = self.stage.process(fresh)
+        except Exception as e:
+            self._report_batch_error(fresh, e)
+            return
+        self.metrics.record_batch(len(fresh), len(outputs), time.perf_counter() - start)
+        for out in outputs:
+            if out.kind == Kind.EVENT:
+                self.publish_event(out)
+            elif not self.router.send(out):
+                return  # stopping
+
+    def _report_batch_error(self, batch: list[Message], error: Exception) -> None:
+        self.metrics.count("errors")
+        # The first few failures get a traceback; after that one line each, so a
+        # persistent fault cannot flood the log at frame rate.
+        if self._error_logs < 3:
+            log.exception("stage %s dropped a batch of %d", self.name, len(batch))
+        else:
+            log.error("stage %s dropped a batch of %d: %r", self.name, len(batch), error)
+        self._error_logs += 1
+        for session in {m.session for m in batch}:
+            self.publish_event(Message(kind=Kind.EVENT, session=session, meta={
+                "code": "stage_error", "message": f"{self.name} could not process a frame: {error}"}))
