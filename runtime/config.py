@@ -27,23 +27,13 @@ from comms.config import TransportConfig
 from runtime.config_loader import ConfigError, build, check, check_choice
 from runtime.control import ControlConfig
 from runtime.live_config import LiveConfig, RuntimeSettings
-from runtime.pipeline_config import PipelineConfig, StageSpec
+from runtime.pipeline_config import PipelineConfig
 from runtime.registry import STAGE_KINDS
 from stages.display import DisplayConfig
 from stages.generator.stage import GeneratorConfig
 from stages.ingest import IngestConfig
 from stages.server.config import ServerConfig
-from stages.vision.stage import VisionConfig
-
-
-def mirror_pipeline() -> PipelineConfig:
-    """The built-in mirror pipeline: webcam -> face + emotion -> portrait -> browser."""
-    return PipelineConfig(name="mirror", stages=[
-        StageSpec(name="ingest", kind="ingest", placement="server"),
-        StageSpec(name="vision", kind="vision", max_batch=4),
-        StageSpec(name="generator", kind="generator", max_batch=4, routing="session"),
-        StageSpec(name="display", kind="display", placement="server"),
-    ])
+from stages.vision.config import VisionConfig
 
 
 def default_presets() -> dict[str, dict[str, Any]]:
@@ -81,7 +71,7 @@ class FlowConfig:
 
 @dataclass(kw_only=True, slots=True)
 class MirrorConfig:
-    pipeline: PipelineConfig = field(default_factory=mirror_pipeline)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     control: ControlConfig = field(default_factory=ControlConfig)

@@ -126,7 +126,7 @@ class RankRuntime:
                 self._channel(l.name) for l in self.plan.links
                 if l.src_stage == spec.name and l.src_replica == placement.replica]
             context = StageContext(rank=self.rank, role=self.me.role, replica=placement.replica,
-                                   device=torch.device(self.me.device),
+                                   device=torch.device(placement.device),
                                    logger=logging.getLogger(f"stages.{name}"),
                                    runtime=self.live.get, publish_event=self._publish_event)
             stage = STAGE_KINDS[spec.kind](self.config.stage_config(spec.kind), context)

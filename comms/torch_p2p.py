@@ -1,0 +1,471 @@
+"""Channels between ranks over torch.distributed point-to-point sends.
+
+Every directed link gets three two-rank process groups of its own, created by all
+ranks in the same order (``create_links``):
+
+* ``meta`` (gloo): fixed-size header slots, sender -> receiver;
+* ``data`` (NCCL when both ends are CUDA devices, else gloo): the packed payload;
+* ``credit`` (gloo): credits and the CLOSED notice, receiver -> sender.
+
+Groups are never shared between links or directions, so the two links of a pair never
+wait on each other inside one communicator (NCCL's opposite-send deadlock), and no
+message is matched by tag (NCCL ignores tags). Within a group, messages between the
+two ranks arrive in the order they were posted, which all backends guarantee.
+
+A message travels as: slot [-> overflow header] [-> payload]. The slot carries a small
+frame (kind, flags, lengths, send timestamp), the encoded header and, on gloo, payloads
+of at most ``inline_max_bytes``. Credits make the receive queue bounded: the sender
+starts with ``capacity`` credits, spends one per message, and the receiver returns one
+per ``recv``.
+
+Waiting on an idle link: gloo closes the connection when a ``wait(timeout)`` expires
+(measured: the next wait fails with "Application timeout caused pair closure"), so a
+timed-out wait cannot be retried. Idle waits therefore use a ten-year timeout, and
+background threads end through the protocol instead: the sender's END is answered by
+the receiver's CLOSED and vice versa, and a dead peer breaks the connection, which gloo
+reports at once. Waits that follow a started transfer use ``peer_timeout_s``; when one
+expires the peer counts as stalled and the link as failed. An ``atexit`` hook closes
+the live channels and joins their threads, because a process that exits while a
+thread is still inside a gloo wait on a broken connection can abort in C++.
+
+Threads per link end: the sender has a credit reader; the receiver has a slot reader
+(which also receives payloads) and a credit writer. Exactly one thread sends on each
+group direction at a time: ``send``, ``close`` and the credit reader's END serialise on
+one lock, and only the credit writer sends on the credit group.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import struct
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from comms.channel import Channel, LinkStats
+from comms.config import TransportConfig
+from comms.errors import ChannelClosed, ChannelTimeout, HeaderError, PeerFailure, TransportError
+from comms.header import align_up, decode_header, encode_header, layout, pack_tensors, unpack_tensors
+from comms.inprocess import deadline_of, remaining
+from comms.message import Message
+from runtime.config_loader import check
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT = timedelta(days=3650)
+CLOSE_TIMEOUT_S = 2.0
+"""Longest ``close`` waits for its END to go out (bounded further by peer_timeout_s)."""
+
+_SLOT = struct.Struct("<4sBBHIQd")  # magic, slot kind, flags, reserved, header_len, payload_len, send time
+_SLOT_MAGIC = b"MMS1"
+_SLOT_MSG, _SLOT_END = 1, 2
+_FLAG_INLINE, _FLAG_OVERFLOW, _FLAG_PAYLOAD = 1, 2, 4
+_CREDIT, _CLOSED = 1, 2
+
+_live: "weakref.WeakSet[TorchChannel]" = weakref.WeakSet()
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class LinkSpec:
+    """One directed link between two ranks; every rank passes the same list."""
+
+    name: str
+    """Unique link name, the key of ``create_links``' result."""
+    src_rank: int
+    """Global rank that sends."""
+    dst_rank: int
+    """Global rank that receives; must differ from ``src_rank``."""
+    src_device: str = "cpu"
+    """Device of the sending stage ('cpu', 'cuda', 'cuda:1')."""
+    dst_device: str = "cpu"
+    """Device of the receiving stage; received tensors are placed there."""
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.name, str) and bool(self.name), "name", f"must be a non-empty string, got {self.name!r}")
+        for field_name in ("src_rank", "dst_rank"):
+            value = getattr(self, field_name)
+            check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, field_name,
+                  f"must be an integer >= 0, got {value!r}")
+        check(self.src_rank != self.dst_rank, "dst_rank",
+              f"must differ from src_rank ({self.src_rank}); use InProcessChannel within a rank")
+        for field_name in ("src_device", "dst_device"):
+            value = getattr(self, field_name)
+            try:
+                device = torch.device(value)
+            except (RuntimeError, TypeError):
+                device = None
+            check(device is not None and device.type in ("cpu", "cuda"), field_name,
+                  f"must be 'cpu' or a CUDA device like 'cuda:0', got {value!r}")
+
+
+def data_backend_for(spec: LinkSpec, config: TransportConfig) -> str:
+    """The backend that carries ``spec``'s payloads under ``config``."""
+    both_cuda = torch.device(spec.src_device).type == "cuda" and torch.device(spec.dst_device).type == "cuda"
+    if config.backend == "nccl":
+        check(both_cuda, "backend", f"'nccl' needs CUDA devices at both ends, link {spec.name!r} has "
+                                    f"{spec.src_device} -> {spec.dst_device}; allowed: 'auto', 'gloo'")
+        return "nccl"
+    return "nccl" if config.backend == "auto" and both_cuda else "gloo"
+
+
+def create_links(specs: list[LinkSpec], config: TransportConfig | None = None) -> dict[str, "TorchChannel"]:
+    """Create the process groups of every link (collective: all ranks, same ``specs``)
+    and return the channels this rank is an end of, by link name."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise TransportError("create_links needs torch.distributed initialised (init_process_group) first")
+    config = config or TransportConfig()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    names = set()
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, LinkSpec):
+            raise TransportError(f"specs[{i}]: expected a LinkSpec, got {type(spec).__name__}")
+        if spec.name in names:
+            raise TransportError(f"specs[{i}]: duplicate link name {spec.name!r}")
+        names.add(spec.name)
+        if max(spec.src_rank, spec.dst_rank) >= world:
+            raise TransportError(f"link {spec.name!r}: ranks {spec.src_rank} -> {spec.dst_rank} "
+                                 f"outside the world of {world}")
+    init_timeout = timedelta(seconds=config.init_timeout_s)
+    channels = {}
+    for spec in specs:
+        backend = data_backend_for(spec, config)
+        ranks = [spec.src_rank, spec.dst_rank]
+        meta = dist.new_group(ranks, backend="gloo", timeout=init_timeout)
+        data = dist.new_group(ranks, backend=backend, timeout=init_timeout)
+        credit = dist.new_group(ranks, backend="gloo", timeout=init_timeout)
+        if rank in ranks:
+            channels[spec.name] = TorchChannel(spec, rank=rank, meta=meta, data=data, credit=credit,
+                                               data_backend=backend, config=config)
+            log.debug("link %r: rank %d -> %d, payloads on %s", spec.name, spec.src_rank, spec.dst_rank, backend)
+    return channels
+
+
+class TorchChannel(Channel):
+    """One end of a cross-rank link; ``send`` works on the source rank, ``recv`` on the
+    destination rank. See the module docstring for the protocol and threads."""
+
+    def __init__(self, spec: LinkSpec, *, rank: int, meta, data, credit, data_backend: str,
+                 config: TransportConfig) -> None:
+        self.name = spec.name
+        self.capacity = config.link_capacity
+        self.stats = LinkStats()
+        self.spec = spec
+        self.is_sender = rank == spec.src_rank
+        self._peer = spec.dst_rank if self.is_sender else spec.src_rank
+        self._meta, self._data, self._credit = meta, data, credit
+        self._data_backend = data_backend
+        self._config = config
+        self._peer_wait = timedelta(seconds=config.peer_timeout_s)
+        self._cond = threading.Condition()
+        self._closed = False
+        self._failure: str | None = None
+        self._threads: list[threading.Thread] = []
+        if self.is_sender:
+            self._credits = config.link_capacity
+            self._peer_closed = False
+            self._end_sent = False
+            self._send_lock = threading.Lock()
+            self._slot = torch.zeros(config.slot_bytes, dtype=torch.uint8)
+            self._start(self._credit_reader, "credits-in")
+        else:
+            self._queue: deque[Message] = deque()
+            self._ended = False
+            self._pending_credits = 0
+            self._device = torch.device(spec.dst_device)
+            self._start(self._slot_reader, "slots-in")
+            self._start(self._credit_writer, "credits-out")
+        _live.add(self)
+
+    # ----------------------------------------------------------------- sender side
+
+    def send(self, msg: Message, timeout: float | None = None) -> None:
+        if not self.is_sender:
+            raise TransportError(f"link {self.name!r}: rank {self.spec.dst_rank} is the receiving end")
+        if not isinstance(msg, Message):
+            raise TypeError(f"link {self.name!r}: send expects a Message, got {type(msg).__name__}")
+        deadline = deadline_of(timeout)
+        specs, total = layout(msg.tensors)
+        header = encode_header(msg, specs)  # malformed messages fail before spending a credit
+        started = time.monotonic()
+        with self._cond:
+            has_credit = self._cond.wait_for(
+                lambda: self._credits > 0 or self._closed or self._peer_closed or self._failure is not None,
+                remaining(deadline))
+            self._raise_if_unusable()
+            if not has_credit:
+                raise ChannelTimeout(f"link {self.name!r}: no credit within {timeout} s "
+                                     f"({self.capacity} messages in flight)")
+            self._credits -= 1
+        try:
+            with self._send_lock:
+                if self._end_sent:
+                    raise ChannelClosed(f"link {self.name!r} is closed")
+                self._transmit(msg, header, total)
+        except RuntimeError as e:
+            if isinstance(e, TransportError):
+                raise
+            raise PeerFailure(self._fail(f"send to rank {self._peer} failed: {e}")) from None
+        self.stats.record_send(msg.payload_bytes, time.monotonic() - started)
+
+    def credits(self) -> int:
+        """Free send credits on the sending end; always 0 on the receiving end."""
+        if not self.is_sender:
+            return 0
+        with self._cond:
+            if self._closed or self._peer_closed or self._failure is not None:
+                return 0
+            return self._credits
+
+    def _transmit(self, msg: Message, header: bytes, total: int) -> None:
+        slot_bytes = self._config.slot_bytes
+        overflow = _SLOT.size + len(header) > slot_bytes
+        inline_at = align_up(_SLOT.size + len(header))
+        inline = (not overflow and 0 < total <= self._config.inline_max_bytes
+                  and self._data_backend == "gloo" and inline_at + total <= slot_bytes)
+        flags = (_FLAG_OVERFLOW if overflow else 0) | (
+            (_FLAG_INLINE if inline else _FLAG_PAYLOAD) if total else 0)
+        sent_at = time.time()
+        slot = self._slot.numpy()
+        _SLOT.pack_into(slot, 0, _SLOT_MAGIC, _SLOT_MSG, flags, 0, len(header), total, sent_at)
+        works, keep = [], []
+        if overflow:
+            extra = torch.frombuffer(bytearray(header), dtype=torch.uint8)
+            keep.append(extra)
+        else:
+            slot[_SLOT.size:_SLOT.size + len(header)] = memoryview(header)
+        if inline:
+            flat, _ = pack_tensors(msg.tensors, "cpu")
+            self._slot[inline_at:inline_at + total].copy_(flat)
+        works.append(dist.isend(self._slot, self._peer, group=self._meta))
+        if overflow:
+            works.append(dist.isend(extra, self._peer, group=self._meta))
+        if flags & _FLAG_PAYLOAD:
+            device = self.spec.src_device if self._data_backend == "nccl" else "cpu"
+            flat, _ = pack_tensors(msg.tensors, device)
+            keep.append(flat)
+            works.append(dist.isend(flat, self._peer, group=self._data))
+        self._wait_all(works, flags & _FLAG_PAYLOAD and self._data_backend == "nccl")
+
+    def _wait_all(self, works: list, last_is_nccl: bool) -> None:
+        for i, work in enumerate(works):
+            if last_is_nccl and i == len(works) - 1:
+                # NCCL's wait only orders the current stream; the buffer must outlive
+                # the transfer, so wait for the stream itself.
+                work.wait()
+                torch.cuda.current_stream(torch.device(self.spec.src_device)).synchronize()
+            else:
+                work.wait(timeout=self._peer_wait)
+
+    def _credit_reader(self) -> None:
+        buf = torch.zeros(2, dtype=torch.int64)
+        try:
+            while True:
+                dist.irecv(buf, self._peer, group=self._credit).wait(timeout=IDLE_WAIT)
+                code, count = buf.tolist()
+                if code == _CREDIT and 0 < count <= self.capacity:
+                    with self._cond:
+                        self._credits = min(self.capacity, self._credits + count)
+                        self._cond.notify_all()
+                elif code == _CLOSED:
+                    break
+                else:
+                    self._fail(f"protocol error: credit message {[code, count]} from rank {self._peer}")
+                    return
+        except RuntimeError as e:
+            self._fail(f"rank {self._peer} failed (credit link): {e}")
+            return
+        with self._cond:
+            self._peer_closed = True
+            self._cond.notify_all()
+        # The receiver's slot reader stops only at END, so it gets one even when this
+        # side never closes.
+        self._send_end(wait_s=self._config.peer_timeout_s)
+
+    def _send_end(self, wait_s: float) -> None:
+        if not self._send_lock.acquire(timeout=wait_s):
+            log.warning("link %r: a send is still running after %.1f s; END not sent", self.name, wait_s)
+            return
+        try:
+            if self._end_sent or self._failure is not None:
+                return
+            self._end_sent = True
+            _SLOT.pack_into(self._slot.numpy(), 0, _SLOT_MAGIC, _SLOT_END, 0, 0, 0, 0, time.time())
+            dist.isend(self._slot, self._peer, group=self._meta).wait(timeout=timedelta(seconds=wait_s))
+        except RuntimeError as e:
+            self._fail(f"END to rank {self._peer} failed: {e}")
+        finally:
+            self._send_lock.release()
+
+    # --------------------------------------------------------------- receiver side
+
+    def recv(self, timeout: float | None = None) -> Message:
+        if self.is_sender:
+            raise TransportError(f"link {self.name!r}: rank {self.spec.src_rank} is the sending end")
+        deadline = deadline_of(timeout)
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self._queue or self._closed or self._ended or self._failure is not None,
+                remaining(deadline))
+            if self._closed:
+                raise ChannelClosed(f"link {self.name!r} is closed")
+            if self._queue:
+                msg = self._queue.popleft()
+                if not self._ended:
+                    self._pending_credits += 1
+                    self._cond.notify_all()
+                return msg
+            if self._failure is not None:
+                raise PeerFailure(self._failure)
+            if self._ended:
+                raise ChannelClosed(f"link {self.name!r}: rank {self._peer} sent END")
+        raise ChannelTimeout(f"link {self.name!r}: nothing arrived within {timeout} s")
+
+    def _slot_reader(self) -> None:
+        try:
+            while True:
+                slot = torch.empty(self._config.slot_bytes, dtype=torch.uint8)
+                dist.irecv(slot, self._peer, group=self._meta).wait(timeout=IDLE_WAIT)
+                msg = self._receive_rest(slot)
+                if msg is None:
+                    break
+                with self._cond:
+                    if not self._closed:
+                        self._queue.append(msg)
+                        self._cond.notify_all()
+        except (RuntimeError, HeaderError) as e:
+            self._fail(f"receive from rank {self._peer} failed: {e}")
+            return
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+
+    def _receive_rest(self, slot: torch.Tensor) -> Message | None:
+        """The message whose slot just arrived, or None for END."""
+        view = slot.numpy()
+        magic, kind, flags, _, header_len, total, sent_at = _SLOT.unpack_from(view, 0)
+        if magic != _SLOT_MAGIC or kind not in (_SLOT_MSG, _SLOT_END):
+            raise HeaderError(f"bad slot frame: magic {bytes(magic)!r}, kind {kind}")
+        if kind == _SLOT_END:
+            return None
+        inline_at = align_up(_SLOT.size + header_len)
+        if flags & _FLAG_OVERFLOW:
+            extra = torch.empty(header_len, dtype=torch.uint8)
+            dist.irecv(extra, self._peer, group=self._meta).wait(timeout=self._peer_wait)
+            header = extra.numpy().data
+        elif _SLOT.size + header_len <= slot.numel():
+            header = view[_SLOT.size:_SLOT.size + header_len].data
+        else:
+            raise HeaderError(f"slot claims a {header_len}-byte header without overflow")
+        msg, specs = decode_header(header)
+        if flags & _FLAG_INLINE:
+            if inline_at + total > slot.numel():
+                raise HeaderError(f"inline payload of {total} bytes does not fit the slot")
+            flat = slot[inline_at:inline_at + total]
+        elif flags & _FLAG_PAYLOAD:
+            flat = self._receive_payload(total)
+        else:
+            flat = torch.empty(0, dtype=torch.uint8)
+        if flat.device != self._device:
+            flat = flat.to(self._device)
+        msg.tensors = unpack_tensors(flat, specs)
+        self.stats.record_recv(total, (time.time() - sent_at) * 1000.0)
+        return msg
+
+    def _receive_payload(self, total: int) -> torch.Tensor:
+        if self._data_backend == "nccl":
+            flat = torch.empty(total, dtype=torch.uint8, device=self._device)
+            dist.irecv(flat, self._peer, group=self._data).wait()
+            torch.cuda.current_stream(self._device).synchronize()
+            return flat
+        flat = torch.empty(total, dtype=torch.uint8)
+        dist.irecv(flat, self._peer, group=self._data).wait(timeout=self._peer_wait)
+        return flat
+
+    def _credit_writer(self) -> None:
+        buf = torch.zeros(2, dtype=torch.int64)
+        try:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._pending_credits or self._closed or self._ended
+                                        or self._failure is not None)
+                    if self._failure is not None:
+                        return
+                    last = self._closed or self._ended
+                    buf[0], buf[1] = (_CLOSED, 0) if last else (_CREDIT, self._pending_credits)
+                    self._pending_credits = 0
+                dist.isend(buf, self._peer, group=self._credit).wait(timeout=self._peer_wait)
+                if last:
+                    return
+        except RuntimeError as e:
+            self._fail(f"credit to rank {self._peer} failed: {e}")
+
+    # ------------------------------------------------------------------- both ends
+
+    def close(self) -> None:
+        """Close this end. Sender: END goes out (waiting at most ~2 s for a send still
+        in progress); the receiver drains what it holds, then gets ChannelClosed.
+        Receiver: queued messages are dropped and the sender learns through CLOSED."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            if not self.is_sender:
+                self._queue.clear()
+            self._cond.notify_all()
+        if self.is_sender:
+            self._send_end(wait_s=min(CLOSE_TIMEOUT_S, self._config.peer_timeout_s))
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for this end's background threads; True when all have stopped."""
+        deadline = deadline_of(timeout)
+        for thread in self._threads:
+            thread.join(remaining(deadline))
+        return not any(t.is_alive() for t in self._threads)
+
+    def _raise_if_unusable(self) -> None:
+        if self._failure is not None:
+            raise PeerFailure(self._failure)
+        if self._closed:
+            raise ChannelClosed(f"link {self.name!r} is closed")
+        if self._peer_closed:
+            raise ChannelClosed(f"link {self.name!r}: the receiver (rank {self._peer}) closed it")
+
+    def _fail(self, reason: str) -> str:
+        """Mark the link failed (first reason wins) and wake every waiter."""
+        with self._cond:
+            if self._failure is None:
+                self._failure = f"link {self.name!r}: {reason}"
+                if self._closed:
+                    log.debug("%s (after close)", self._failure)
+                else:
+                    log.error("%s", self._failure)
+            self._cond.notify_all()
+            return self._failure
+
+    def _start(self, target, role: str) -> None:
+        thread = threading.Thread(target=target, name=f"link-{self.name}-{role}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def __repr__(self) -> str:
+        end = "send" if self.is_sender else "recv"
+        return (f"TorchChannel({self.name!r}, {end} end, rank {self.spec.src_rank} -> {self.spec.dst_rank}, "
+                f"data={self._data_backend}, capacity={self.capacity})")
+
+
+@atexit.register
+def _close_live_channels() -> None:
+    channels = list(_live)
+    for channel in channels:
+        channel.close()
+    deadline = time.monotonic() + CLOSE_TIMEOUT_S
+    for channel in channels:
+        if not channel.join(max(0.0, deadline - time.monotonic())):
+            log.debug("link %r: background threads still running at exit", channel.name)

@@ -1,0 +1,161 @@
+"""The ``pipeline`` config section: which stages run, in which order, how many of each.
+
+A pipeline is a chain: messages flow ``stages[0] -> stages[1] -> ... -> stages[-1]``.
+Each ``StageSpec`` says what a stage is (``kind``, the key of its stage class), how many
+replicas it runs and where they may go; ``runtime.planner.plan`` turns that into ranks.
+
+    pipeline:
+      name: mirror
+      stages:
+        - {name: ingest, placement: server}
+        - {name: vision, replicas: 1}
+        - {name: generator, replicas: auto, max_batch: 4, batch_wait_ms: 5}
+        - {name: display, placement: server}
+
+Only rules that need no world size live here; the planner checks the rest (node and rank
+ranges, enough ranks, GPUs).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from runtime.config_loader import ConfigError, check, check_choice
+
+NAME_PATTERN = re.compile(r"[a-z0-9_-]+")
+"""Stage and pipeline names; excludes '#' and '>' so link names like 'vision#0->generator#1' parse."""
+
+PLACEMENTS = ("server", "worker")
+DEVICES = ("auto", "cpu", "cuda")
+ROUTINGS = ("round_robin", "least_loaded", "session")
+AUTO = "auto"
+MAX_BATCH_LIMIT = 64
+MAX_BATCH_WAIT_MS = 1000.0
+
+
+def _check_name(value: str, field_name: str) -> None:
+    check(isinstance(value, str) and NAME_PATTERN.fullmatch(value) is not None, field_name,
+          f"must be a non-empty name of a-z, 0-9, '_' or '-', got {value!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class StageSpec:
+    """One stage of the chain and where its replicas may run."""
+
+    name: str = ""
+    """Unique identifier within the pipeline (a-z, 0-9, '_', '-'); used in roles and link names."""
+    kind: str = ""
+    """Key of the stage class (e.g. 'ingest', 'vision', 'generator', 'display'); empty means
+    the same as ``name``. Only the format is checked here: the stage registry checks the key."""
+    replicas: int | str = 1
+    """How many copies run, each on its own rank: an integer >= 1, or 'auto' to share the
+    ranks left over once every fixed-count stage has its ranks."""
+    placement: str = "worker"
+    """'server': runs on rank 0 next to the web server (replicas must be 1);
+    'worker': runs on its own rank(s)."""
+    nodes: list[int] | None = None
+    """Node indices the replicas may go to; null means any node."""
+    ranks: list[int] | None = None
+    """Explicit global ranks, one per replica (its length must equal ``replicas``). Stages
+    pinned this way may share a rank, which then runs them in one process."""
+    device: str = "auto"
+    """'auto' (a GPU for worker stages when the node has one, else CPU), 'cpu' or 'cuda'."""
+    max_batch: int = 1
+    """Micro-batch size: how many messages ``process`` gets at most, 1..64."""
+    batch_wait_ms: float = 0.0
+    """After the first message of a micro-batch arrives, how long to wait for more before
+    processing a partial batch, 0..1000 ms. 0 processes whatever is already queued."""
+    routing: str = "round_robin"
+    """How this stage's outputs are spread over the next stage's replicas: 'round_robin'
+    (take turns), 'least_loaded' (fewest messages in flight) or 'session' (every frame of
+    one browser session goes to the same replica, for a next stage with per-session state)."""
+
+    def __post_init__(self) -> None:
+        _check_name(self.name, "name")
+        if self.kind == "":
+            self.kind = self.name
+        _check_name(self.kind, "kind")
+        # The loader lets any string through for ``replicas`` so this message can say
+        # both forms that are allowed, instead of a generic union mismatch.
+        check(self.replicas == AUTO or (isinstance(self.replicas, int) and not isinstance(self.replicas, bool)
+                                        and self.replicas >= 1),
+              "replicas", f"expected an integer >= 1 or 'auto', got {self.replicas!r}")
+        check_choice(self.placement, "placement", PLACEMENTS)
+        check_choice(self.device, "device", DEVICES)
+        check_choice(self.routing, "routing", ROUTINGS)
+        check(1 <= self.max_batch <= MAX_BATCH_LIMIT, "max_batch",
+              f"must be within 1..{MAX_BATCH_LIMIT}, got {self.max_batch}")
+        check(0.0 <= self.batch_wait_ms <= MAX_BATCH_WAIT_MS, "batch_wait_ms",
+              f"must be within 0..{MAX_BATCH_WAIT_MS:g}, got {self.batch_wait_ms}")
+        if self.nodes is not None:
+            check(len(self.nodes) > 0, "nodes", "must list at least one node index, or be null for any node")
+            for i, node in enumerate(self.nodes):
+                check(node >= 0, f"nodes[{i}]", f"must be a node index >= 0, got {node}")
+            check(len(set(self.nodes)) == len(self.nodes), "nodes", f"lists a node twice: {self.nodes}")
+        if self.ranks is not None:
+            for i, rank in enumerate(self.ranks):
+                check(rank >= 0, f"ranks[{i}]", f"must be a rank >= 0, got {rank}")
+            check(len(set(self.ranks)) == len(self.ranks), "ranks",
+                  f"lists a rank twice: {self.ranks}; replicas of one stage need distinct ranks")
+            check(self.replicas != AUTO, "replicas",
+                  f"must be {len(self.ranks)} (the length of ranks), not 'auto': explicit ranks fix the count")
+            check(len(self.ranks) == self.replicas, "ranks",
+                  f"has {len(self.ranks)} entries but replicas is {self.replicas}; give one rank per replica")
+        if self.placement == "server":
+            check(self.replicas == 1, "replicas",
+                  f"must be 1 for placement 'server' (it runs on rank 0 only), got {self.replicas!r}")
+            check(self.nodes is None or 0 in self.nodes, "nodes",
+                  f"placement 'server' runs on rank 0, which is on node 0; got nodes {self.nodes}")
+            check(self.ranks is None or self.ranks == [0], "ranks",
+                  f"placement 'server' runs on rank 0; got ranks {self.ranks}")
+
+    @property
+    def is_auto(self) -> bool:
+        return self.replicas == AUTO
+
+
+def mirror_stages() -> list[StageSpec]:
+    """The default Mind Mirror chain: browser frames in and portraits out on rank 0,
+    one vision worker, and every remaining rank running the generator.
+
+    ``routing: session`` keeps each browser session on one vision replica (stable face
+    ids from its tracker) and one generator replica (temporal smoothing), while
+    different sessions spread over the replicas.
+    """
+    return [
+        StageSpec(name="ingest", placement="server", routing="session"),
+        StageSpec(name="vision", replicas=1, max_batch=4, routing="session"),
+        StageSpec(name="generator", replicas=AUTO, max_batch=4),
+        StageSpec(name="display", placement="server"),
+    ]
+
+
+@dataclass(kw_only=True, slots=True)
+class PipelineConfig:
+    """The chain of stages one run executes."""
+
+    name: str = "mirror"
+    """Pipeline name (a-z, 0-9, '_', '-'), shown in logs, the dry-run plan and metrics."""
+    stages: list[StageSpec] = field(default_factory=mirror_stages)
+    """Stages in chain order: data flows stages[0] -> stages[1] -> ... -> stages[-1]."""
+    share_server_rank: bool = False
+    """Allow worker stages pinned with ``ranks`` to include rank 0. Off by default because
+    rank 0 also runs the web server's event loop, and a heavy stage there adds latency
+    to every browser session."""
+
+    def __post_init__(self) -> None:
+        _check_name(self.name, "name")
+        check(len(self.stages) >= 1, "stages", "must list at least one stage")
+        seen: dict[str, int] = {}
+        for i, spec in enumerate(self.stages):
+            if spec.name in seen:
+                raise ConfigError(f"duplicate stage name {spec.name!r} (also stages[{seen[spec.name]}]); "
+                                  "stage names must be unique", f"stages[{i}].name")
+            seen[spec.name] = i
+
+    def stage(self, name: str) -> StageSpec:
+        for spec in self.stages:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"no stage named {name!r}; stages: {', '.join(s.name for s in self.stages)}")

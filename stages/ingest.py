@@ -1,0 +1,146 @@
+"""The ingest stage: camera JPEG bytes in, decoded RGB frames out.
+
+Decoding is the first place a hostile or broken client can hurt the pipeline, so the
+stage reads the JPEG header before decoding: a frame claiming more than ``max_pixels``
+is refused without allocating it, and a frame much wider than ``max_width`` is decoded
+straight at 1/2, 1/4 or 1/8 scale by libjpeg (far cheaper than decoding full size and
+shrinking), then shrunk the rest of the way with area averaging.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+from comms.message import Kind, Message
+from runtime.config_loader import check
+from stages.base import Stage
+
+# SOF markers that carry the frame size: baseline, extended, progressive, lossless and
+# their arithmetic-coded variants (0xC4 DHT, 0xC8 JPG and 0xCC DAC are not frames).
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_STANDALONE_MARKERS = frozenset(range(0xD0, 0xD8)) | {0x01}
+_REDUCED_FLAGS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
+@dataclass(kw_only=True, slots=True)
+class IngestConfig:
+    max_width: int = 1280
+    """Frames wider than this are downscaled (aspect kept) right after decoding."""
+    max_pixels: int = 16_000_000
+    """Frames whose header claims more pixels than this are refused undecoded."""
+    max_bytes: int = 8_000_000
+    """Payloads larger than this are refused undecoded."""
+
+    def __post_init__(self) -> None:
+        check(16 <= self.max_width <= 8192, "max_width", f"must be within 16..8192, got {self.max_width}")
+        check(self.max_pixels >= 256, "max_pixels", f"must be >= 256, got {self.max_pixels}")
+        check(self.max_bytes >= 1024, "max_bytes", f"must be >= 1024, got {self.max_bytes}")
+
+
+def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, or None if it has none before the scan."""
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    i = 2
+    while i + 3 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker in _STANDALONE_MARKERS:
+            i += 2
+            continue
+        length = (data[i + 2] << 8) | data[i + 3]
+        if length < 2:
+            return None
+        if marker in _SOF_MARKERS:
+            if i + 9 > n:
+                return None
+            height = (data[i + 5] << 8) | data[i + 6]
+            width = (data[i + 7] << 8) | data[i + 8]
+            return (width, height) if width and height else None
+        if marker == 0xDA:  # start of scan: no frame header came first
+            return None
+        i += 2 + length
+    return None
+
+
+class IngestStage(Stage):
+    """Takes ``Kind.CAMERA_JPEG`` (tensors[0] 1-D uint8 JPEG bytes; meta may hold the
+    page's width/height); emits ``Kind.FRAME`` (tensors[0] RGB uint8 HWC CPU tensor,
+    at most ``max_width`` wide) with the input meta plus the decoded frame's
+    ``width``/``height`` (and ``scaled_from`` [w, h] when it was downscaled).
+    A payload that is not a decodable JPEG within the limits is dropped and reported to
+    its session as a ``bad_jpeg`` (or ``frame_too_large``) event."""
+
+    kind = "ingest"
+    Config = IngestConfig
+
+    def setup(self) -> None:
+        # Ranks share two cores; OpenCV's own thread pool would fight the other ranks
+        # (and torch) for them, and one small frame gains nothing from splitting.
+        cv2.setNumThreads(1)
+
+    def process(self, batch: list[Message]) -> list[Message]:
+        outputs = []
+        for msg in batch:
+            started = time.time()
+            decoded = self._decode(msg)
+            if decoded is None:
+                continue
+            frame, source_size = decoded
+            height, width = frame.shape[:2]
+            meta = dict(msg.meta)
+            meta.update(width=width, height=height)
+            if (width, height) != source_size:
+                meta["scaled_from"] = list(source_size)
+            out = msg.derive(Kind.FRAME, tensors=[torch.from_numpy(frame)], meta=meta)
+            outputs.append(out.stamp("ingest.start", started).stamp("ingest.end"))
+        return outputs
+
+    def _decode(self, msg: Message) -> tuple[np.ndarray, tuple[int, int]] | None:
+        """(RGB uint8 HWC contiguous array, (width, height) in the JPEG header), or None
+        after reporting why."""
+        payload = msg.tensors[0] if msg.tensors else None
+        if payload is None or payload.dtype != torch.uint8 or payload.dim() != 1 or payload.numel() == 0:
+            return self._reject(msg, "bad_jpeg", "frame payload is not a byte array")
+        if payload.numel() > self.config.max_bytes:
+            return self._reject(msg, "frame_too_large",
+                                f"frame of {payload.numel()} bytes exceeds {self.config.max_bytes}")
+        data = payload.detach().cpu().numpy()
+        size = jpeg_size(memoryview(data))
+        if size is None:
+            return self._reject(msg, "bad_jpeg", "frame is not a JPEG image")
+        width, height = size
+        if width * height > self.config.max_pixels:
+            return self._reject(msg, "frame_too_large",
+                                f"frame of {width}x{height} exceeds {self.config.max_pixels} pixels")
+
+        flags = cv2.IMREAD_COLOR
+        for factor, reduced in _REDUCED_FLAGS:
+            if width >= factor * self.config.max_width:
+                flags = reduced
+                break
+        # Canvas-encoded frames carry no EXIF; ignoring it keeps header size == decoded size.
+        bgr = cv2.imdecode(data, flags | cv2.IMREAD_IGNORE_ORIENTATION)
+        if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3:
+            return self._reject(msg, "bad_jpeg", "frame could not be decoded as JPEG")
+        if bgr.shape[1] > self.config.max_width:
+            new_w = self.config.max_width
+            new_h = max(1, round(bgr.shape[0] * new_w / bgr.shape[1]))
+            bgr = cv2.resize(bgr, (new_w, new_h), interpolation=cv2.INTER_AREA)
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), (width, height)
+
+    def _reject(self, msg: Message, code: str, message: str) -> None:
+        self.log.warning("session %s frame %d dropped: %s", msg.session, msg.frame_id, message)
+        self.context.publish_event(Message(kind=Kind.EVENT, session=msg.session, frame_id=msg.frame_id,
+                                           client_ts=msg.client_ts, meta={"code": code, "message": message}))
+        return None

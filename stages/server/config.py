@@ -1,0 +1,82 @@
+"""``ServerConfig``: how rank 0's web server listens, and the limits it holds every peer to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runtime.config_loader import check
+
+MiB = 1 << 20
+
+
+@dataclass(kw_only=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    """Interface to bind. Loopback by default: the page can change the pipeline's config,
+    so exposing it on a network is an explicit choice ('0.0.0.0')."""
+    port: int = 8765
+    """TCP port; 0 picks a free one (tests), readable afterwards as ``WebServer.port``."""
+    max_message_bytes: int = 4 * MiB
+    """Largest WebSocket message accepted; a bigger one closes the session with 1009.
+    A 1920-wide JPEG at quality 95 stays well under 1 MiB."""
+    max_queue: int = 8
+    """Incoming messages the library buffers per connection before it stops reading the
+    socket (TCP backpressure). Small, because each may be ``max_message_bytes``."""
+    max_sessions: int = 8
+    """Browser sessions served at once; one more is told ``too_many_sessions`` and closed."""
+    max_frame_width: int = 3840
+    """Widest camera frame accepted, in pixels (checked from the JPEG header, before decoding)."""
+    max_frame_height: int = 3840
+    """Tallest camera frame accepted, in pixels."""
+    max_frame_pixels: int = 3840 * 2160
+    """Most pixels a camera frame may have, so a 3840x3840 frame is refused too."""
+    stats_interval_s: float = 0.5
+    """Seconds between ``stats`` messages to each session; at most 1 (the page promises a
+    refresh at least once a second)."""
+    session_out_queue: int = 4
+    """Output frames waiting per session. A slow client loses its oldest waiting frames
+    rather than falling ever further behind live."""
+    session_error_queue: int = 32
+    """``error`` messages waiting per session; older ones are dropped past this."""
+    allow_cross_origin: bool = False
+    """Accept WebSocket handshakes whose ``Origin`` differs from the page's host. Off, so a
+    foreign web page in the same browser cannot drive the pipeline."""
+    ping_interval_s: float | None = 20.0
+    """Keepalive ping period in seconds; None disables pings."""
+    ping_timeout_s: float | None = 20.0
+    """Seconds to wait for a pong before dropping the session; None waits forever."""
+    close_timeout_s: float = 2.0
+    """Seconds to wait for a peer's close frame while shutting down a session."""
+    start_timeout_s: float = 10.0
+    """Seconds ``start()`` waits for the socket to be listening."""
+    stop_timeout_s: float = 5.0
+    """Upper bound on ``stop()``: sessions still open after it are abandoned."""
+
+    def __post_init__(self) -> None:
+        check(bool(self.host), "host", "must not be empty")
+        check(0 <= self.port <= 65535, "port", f"must be within 0..65535, got {self.port}")
+        check(64 * 1024 <= self.max_message_bytes <= 256 * MiB, "max_message_bytes",
+              f"must be within 65536..{256 * MiB}, got {self.max_message_bytes}")
+        check(1 <= self.max_queue <= 1024, "max_queue", f"must be within 1..1024, got {self.max_queue}")
+        check(1 <= self.max_sessions <= 1024, "max_sessions",
+              f"must be within 1..1024, got {self.max_sessions}")
+        check(16 <= self.max_frame_width <= 16384, "max_frame_width",
+              f"must be within 16..16384, got {self.max_frame_width}")
+        check(16 <= self.max_frame_height <= 16384, "max_frame_height",
+              f"must be within 16..16384, got {self.max_frame_height}")
+        check(256 <= self.max_frame_pixels <= self.max_frame_width * self.max_frame_height,
+              "max_frame_pixels",
+              f"must be within 256..max_frame_width*max_frame_height "
+              f"({self.max_frame_width * self.max_frame_height}), got {self.max_frame_pixels}")
+        check(0.05 <= self.stats_interval_s <= 1.0, "stats_interval_s",
+              f"must be within 0.05..1, got {self.stats_interval_s}")
+        check(1 <= self.session_out_queue <= 256, "session_out_queue",
+              f"must be within 1..256, got {self.session_out_queue}")
+        check(1 <= self.session_error_queue <= 1024, "session_error_queue",
+              f"must be within 1..1024, got {self.session_error_queue}")
+        for name in ("ping_interval_s", "ping_timeout_s"):
+            value = getattr(self, name)
+            check(value is None or value > 0, name, f"must be > 0 or null, got {value}")
+        for name in ("close_timeout_s", "start_timeout_s", "stop_timeout_s"):
+            value = getattr(self, name)
+            check(0 < value <= 120, name, f"must be within 0..120 seconds (exclusive of 0), got {value}")

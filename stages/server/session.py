@@ -1,0 +1,158 @@
+"""One browser session: its id, counters and outbound queue, and the task that drains it.
+
+Everything here runs on the server's event loop, so it needs no locks: results from the
+runtime's threads reach it through ``loop.call_soon_threadsafe``.
+
+The outbound queue is ordered (what the runtime delivered first is sent first) and
+bounded by kind, because a browser that reads slowly must never make rank 0 hold an
+unbounded backlog, nor fall ever further behind live:
+
+- output frames (a ``vision`` text and its kind-3 binary, always sent together): at most
+  ``session_out_queue`` wait; a new one pushes out the oldest waiting one;
+- ``stats`` and ``config.current``: only the newest matters, so a new one replaces any
+  waiting one;
+- ``error``: at most ``session_error_queue`` wait; the oldest go first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from stages.server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class Out(Enum):
+    FRAME = "frame"
+    STATS = "stats"
+    CONFIG = "config"
+    ERROR = "error"
+
+
+@dataclass(slots=True)
+class _Entry:
+    kind: Out
+    parts: tuple[str | bytes, ...]
+    """Sent back to back; a frame's ``vision`` text and binary are one entry so a drop
+    takes both and the page never sees one without the other."""
+
+
+@dataclass(kw_only=True, slots=True)
+class SessionCounters:
+    frames_in: int = 0
+    frames_out: int = 0
+    frames_dropped: int = 0
+    errors_sent: int = 0
+    errors_dropped: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(kw_only=True, slots=True)
+class Session:
+    id: str
+    connection: ServerConnection
+    metrics: ServerMetrics
+    max_frames: int
+    """Output frames allowed to wait (``ServerConfig.session_out_queue``)."""
+    max_errors: int
+    """Error messages allowed to wait (``ServerConfig.session_error_queue``)."""
+    opened_at: float = field(default_factory=time.monotonic)
+    counters: SessionCounters = field(default_factory=SessionCounters)
+    _pending: deque[_Entry] = field(default_factory=deque)
+    _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    _closed: bool = False
+
+    # --- queueing (event loop only) ---
+
+    def push_frame(self, vision_text: str, frame: bytes) -> None:
+        if self._closed:
+            return
+        if self._count(Out.FRAME) >= self.max_frames:
+            self._drop_oldest(Out.FRAME)
+            self.counters.frames_dropped += 1
+            self.metrics.frames_dropped.inc()
+        self._push(_Entry(Out.FRAME, (vision_text, frame)))
+
+    def push_stats(self, text: str) -> None:
+        self._replace(Out.STATS, text)
+
+    def push_config(self, text: str) -> None:
+        self._replace(Out.CONFIG, text)
+
+    def push_error(self, code: str, text: str) -> None:
+        if self._closed:
+            return
+        if self._count(Out.ERROR) >= self.max_errors:
+            self._drop_oldest(Out.ERROR)
+            self.counters.errors_dropped += 1
+        self.metrics.errors.labels(code=code).inc()
+        self._push(_Entry(Out.ERROR, (text,)))
+
+    def summary(self) -> dict[str, Any]:
+        """This session as the ``stats`` message shows it to its page."""
+        return {"id": self.id, "uptime_s": round(time.monotonic() - self.opened_at, 3),
+                "queued_frames": self._count(Out.FRAME), **self.counters.as_dict()}
+
+    def close(self) -> None:
+        """Stop queueing; wakes the sender so it can finish."""
+        self._closed = True
+        self._pending.clear()
+        self._wakeup.set()
+
+    # --- sending ---
+
+    async def run_sender(self) -> None:
+        """Drain the queue into the socket until the session closes. ``send`` waits while
+        the socket's write buffer is full, which is what lets the queue bounds act."""
+        try:
+            while True:
+                while not self._pending:
+                    if self._closed:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                entry = self._pending.popleft()
+                for part in entry.parts:
+                    await self.connection.send(part)
+                if entry.kind is Out.FRAME:
+                    self.counters.frames_out += 1
+                    self.metrics.frames_out.inc()
+                    self.metrics.bytes_out.inc(len(entry.parts[1]))
+                elif entry.kind is Out.ERROR:
+                    self.counters.errors_sent += 1
+        except ConnectionClosed:
+            pass  # the receive side sees the close too and ends the session
+
+    # --- internals ---
+
+    def _push(self, entry: _Entry) -> None:
+        self._pending.append(entry)
+        self._wakeup.set()
+
+    def _replace(self, kind: Out, text: str) -> None:
+        if self._closed:
+            return
+        self._drop_oldest(kind)  # at most one of these kinds ever waits
+        self._push(_Entry(kind, (text,)))
+
+    def _count(self, kind: Out) -> int:
+        # The queue holds a handful of entries, so a scan is cheaper than bookkeeping.
+        return sum(1 for e in self._pending if e.kind is kind)
+
+    def _drop_oldest(self, kind: Out) -> None:
+        for i, entry in enumerate(self._pending):
+            if entry.kind is kind:
+                del self._pending[i]
+                return

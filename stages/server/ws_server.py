@@ -1,0 +1,328 @@
+"""``WebServer``: rank 0's WebSocket + HTTP server, on its own asyncio loop in a thread.
+
+The runtime is threads (one per stage); the server is one event loop. They meet in two
+directions, both non-blocking:
+
+- page -> runtime: the loop validates each message (``protocol``) and calls
+  ``PipelineHooks`` directly; the hooks only queue, so the loop never waits on a stage;
+- runtime -> page: the runtime calls the ``SessionSink`` methods from any thread; they
+  encode there (off the loop) and hand the bytes over with ``call_soon_threadsafe``, which
+  keeps the order in which they were delivered.
+
+A peer that breaks the protocol gets an ``error`` message and stays connected; nothing
+it sends reaches the pipeline or another session. A hook that raises is logged and
+reported to that one session as ``internal``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+
+from runtime.config_loader import ConfigError
+from runtime.live_config import STYLES
+from stages.server import protocol
+from stages.server.config import ServerConfig
+from stages.server.hooks import PipelineHooks
+from stages.server.http_routes import HttpRoutes
+from stages.server.metrics import ServerMetrics
+from stages.server.protocol import BinaryFrame, ErrorCode, Kind, ProtocolError
+from stages.server.session import Session
+
+log = logging.getLogger(__name__)
+
+
+class WebServer:
+    """Serves the page and one WebSocket session per browser; implements ``SessionSink``.
+
+    ``start()`` returns once the socket listens; ``stop()`` closes every session and
+    returns within ``config.stop_timeout_s``. Usable as a context manager.
+    """
+
+    def __init__(self, config: ServerConfig, hooks: PipelineHooks) -> None:
+        self.config = config
+        self._hooks = hooks
+        self._metrics = ServerMetrics()
+        self._routes = HttpRoutes(hooks, self._metrics, allow_cross_origin=config.allow_cross_origin)
+        self._sessions: dict[str, Session] = {}  # event loop only
+        self._session_count = 0  # a copy other threads may read
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._listening = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._stop_requested: asyncio.Event | None = None
+        self._stopping = False
+        self._port: int | None = None
+        self._started_at = time.monotonic()
+
+    # --- lifecycle (any thread) ---
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("WebServer.start() called twice")
+        self._thread = threading.Thread(target=self._run_loop, name="mm-web-server", daemon=True)
+        self._thread.start()
+        if not self._listening.wait(self.config.start_timeout_s):
+            self.stop()
+            raise TimeoutError(f"web server not listening after {self.config.start_timeout_s} s")
+        if self._startup_error is not None:
+            self._thread.join(self.config.stop_timeout_s)
+            raise self._startup_error  # e.g. the port is taken
+
+    def stop(self) -> None:
+        """Close all sessions (1001 going away) and the socket; idempotent."""
+        thread, loop = self._thread, self._loop
+        if thread is None or self._stopping:
+            return
+        self._stopping = True
+        if loop is not None and self._stop_requested is not None:
+            try:
+                loop.call_soon_threadsafe(self._stop_requested.set)
+            except RuntimeError:
+                pass  # the loop already ended
+        thread.join(self.config.stop_timeout_s)
+        if thread.is_alive():
+            log.warning("web server thread still running %.1f s after stop()", self.config.stop_timeout_s)
+
+    def __enter__(self) -> "WebServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("WebServer is not listening; call start() first")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """The page's address, e.g. ``http://127.0.0.1:8765/``."""
+        host = self.config.host
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"  # a wildcard bind is reachable on loopback
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}/"
+
+    @property
+    def session_count(self) -> int:
+        return self._session_count
+
+    # --- SessionSink (any thread) ---
+
+    def deliver_output(self, session: str, frame_id: int, client_ts: float, jpeg: bytes,
+                       vision: dict[str, Any]) -> None:
+        # Encode on the caller's thread: the copy of the JPEG into the message costs the
+        # loop nothing, and a bad value from a stage fails here, where it is logged.
+        try:
+            text = protocol.vision_message(frame_id, vision)
+            frame = protocol.encode_frame(BinaryFrame(kind=Kind.OUTPUT_FRAME, frame_id=frame_id,
+                                                      client_ts=client_ts, payload=bytes(jpeg)))
+        except (TypeError, ValueError):
+            log.exception("cannot encode output frame %s of session %s", frame_id, session)
+            return
+        self._call_soon(self._route_frame, session, text, frame)
+
+    def deliver_error(self, session: str, code: str, message: str) -> None:
+        self._call_soon(self._route_error, session, code, protocol.error_message(code, message))
+
+    def broadcast_config(self, current: dict[str, Any]) -> None:
+        self._call_soon(self._push_config_all, self._config_text(current))
+
+    def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is None or self._stopping:
+            return  # no sessions to deliver to
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass  # the loop closed between the check and the call
+
+    # --- event loop ---
+
+    def _run_loop(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._serve())
+        except BaseException as e:
+            if not self._listening.is_set():
+                self._startup_error = e
+            else:
+                log.exception("web server loop failed")
+        finally:
+            self._listening.set()
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    async def _serve(self) -> None:
+        self._stop_requested = asyncio.Event()
+        server: Server = await serve(
+            self._handle, self.config.host, self.config.port,
+            process_request=self._routes,
+            # permessage-deflate would cost CPU on every frame to shrink JPEGs by nothing,
+            # and caps binary throughput near 30 MB/s.
+            compression=None,
+            max_size=self.config.max_message_bytes,
+            max_queue=self.config.max_queue,
+            ping_interval=self.config.ping_interval_s,
+            ping_timeout=self.config.ping_timeout_s,
+            close_timeout=self.config.close_timeout_s,
+        )
+        self._port = server.sockets[0].getsockname()[1]
+        ticker = asyncio.create_task(self._stats_loop(), name="mm-stats")
+        self._listening.set()
+        log.info("web server listening on %s", self.url)
+        try:
+            await self._stop_requested.wait()
+        finally:
+            ticker.cancel()
+            server.close(close_connections=True)
+            try:
+                # Leave a margin of stop_timeout_s for the thread to cancel what is left.
+                await asyncio.wait_for(server.wait_closed(), self.config.stop_timeout_s * 0.8)
+            except TimeoutError:
+                log.warning("sessions did not close in time; abandoning them")
+            log.info("web server stopped")
+
+    async def _handle(self, connection: ServerConnection) -> None:
+        if len(self._sessions) >= self.config.max_sessions:
+            await connection.send(protocol.error_message(
+                ErrorCode.TOO_MANY_SESSIONS, f"the server takes {self.config.max_sessions} sessions at once"))
+            await connection.close(CloseCode.TRY_AGAIN_LATER, "too many sessions")
+            return
+        session = Session(id=uuid.uuid4().hex[:12], connection=connection, metrics=self._metrics,
+                          max_frames=self.config.session_out_queue, max_errors=self.config.session_error_queue)
+        try:
+            self._hooks.open_session(session.id)
+            config_text = self._config_text(self._hooks.config_current())
+        except Exception as e:
+            log.exception("opening session %s failed", session.id)
+            await connection.send(protocol.error_message(ErrorCode.INTERNAL, _describe(e)))
+            await connection.close(CloseCode.INTERNAL_ERROR, "session could not open")
+            return
+        self._sessions[session.id] = session
+        self._session_count = len(self._sessions)
+        self._metrics.sessions.set(self._session_count)
+        self._metrics.sessions_opened.inc()
+        log.info("session %s opened from %s", session.id, connection.remote_address)
+        sender = asyncio.create_task(session.run_sender(), name=f"mm-send-{session.id}")
+        session.push_config(config_text)
+        try:
+            async for message in connection:
+                self._dispatch(session, message)
+        except ConnectionClosed:
+            pass  # abnormal closes (e.g. 1009 for an oversize message) end the session too
+        finally:
+            session.close()
+            del self._sessions[session.id]
+            self._session_count = len(self._sessions)
+            self._metrics.sessions.set(self._session_count)
+            try:
+                self._hooks.close_session(session.id)
+            except Exception:
+                log.exception("close_session(%s) failed", session.id)
+            try:
+                await asyncio.wait_for(sender, self.config.close_timeout_s)
+            except (TimeoutError, asyncio.CancelledError):
+                pass
+            log.info("session %s closed (%s): %s", session.id, connection.close_code,
+                     session.counters.as_dict())
+
+    def _dispatch(self, session: Session, message: str | bytes) -> None:
+        """Handle one message from the page; nothing it contains may escape this session."""
+        try:
+            if isinstance(message, str):
+                self._on_text(message)
+            else:
+                self._on_binary(session, message)
+        except ProtocolError as e:
+            self._route_error(session.id, e.code, protocol.error_message(e.code, e.message))
+        except ConfigError as e:
+            self._route_error(session.id, ErrorCode.BAD_CONFIG, protocol.error_message(ErrorCode.BAD_CONFIG, str(e)))
+        except Exception as e:
+            log.exception("hooks failed on a message of session %s", session.id)
+            self._route_error(session.id, ErrorCode.INTERNAL, protocol.error_message(ErrorCode.INTERNAL, _describe(e)))
+
+    def _on_binary(self, session: Session, data: bytes) -> None:
+        self._metrics.bytes_in.inc(len(data))
+        frame = protocol.decode_camera_frame(data)
+        width, height = protocol.probe_jpeg(frame.payload, max_width=self.config.max_frame_width,
+                                            max_height=self.config.max_frame_height,
+                                            max_pixels=self.config.max_frame_pixels)
+        self._hooks.submit_frame(session.id, frame.frame_id, frame.client_ts, frame.payload, width, height)
+        session.counters.frames_in += 1
+        self._metrics.frames_in.inc()
+
+    def _on_text(self, text: str) -> None:
+        message = protocol.decode_client_message(text)
+        if message.type == protocol.CONFIG_UPDATE:
+            current = self._hooks.update_config(message.payload)
+        else:
+            current = self._hooks.apply_preset(message.payload["name"])
+        # Every page shows the live config, so every page hears of the change.
+        self._push_config_all(self._config_text(current))
+
+    def _route_frame(self, session_id: str, text: str, frame: bytes) -> None:
+        session = self._sessions.get(session_id)
+        if session is not None:  # else the page left while its frame was in flight
+            session.push_frame(text, frame)
+
+    def _route_error(self, session_id: str, code: str, text: str) -> None:
+        session = self._sessions.get(session_id)
+        if session is not None:
+            session.push_error(str(code), text)
+
+    def _push_config_all(self, text: str) -> None:
+        for session in self._sessions.values():
+            session.push_config(text)
+
+    async def _stats_loop(self) -> None:
+        interval = self.config.stats_interval_s
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        failing = False
+        while True:
+            due += interval  # a fixed cadence: slow ticks do not push later ones back
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            if not self._sessions:
+                continue
+            try:
+                runtime = self._hooks.stats()
+                failing = False
+            except Exception as e:
+                if not failing:  # once per outage, not once per tick
+                    log.exception("hooks.stats() failed")
+                failing = True
+                runtime = {"error": _describe(e)}
+            server = {"sessions": len(self._sessions),
+                      "uptime_s": round(time.monotonic() - self._started_at, 3)}
+            for session in list(self._sessions.values()):
+                payload = {**runtime, "server": {**server, "session": session.summary()}}
+                session.push_stats(protocol.encode_message(protocol.STATS, payload))
+
+    @staticmethod
+    def _config_text(current: dict[str, Any]) -> str:
+        # The page builds its style menu from this, so it never lists a style the config refuses.
+        return protocol.encode_message(protocol.CONFIG_CURRENT, {"styles": list(STYLES), **current})
+
+
+def _describe(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= 300 else text[:297] + "..."

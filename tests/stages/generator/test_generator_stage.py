@@ -1,0 +1,150 @@
+"""GeneratorStage: ANALYZED frames become square stylized portraits of the main face."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import pytest
+import torch
+
+from comms.message import Kind, Message
+from runtime.config_loader import ConfigError
+from runtime.live_config import RuntimeSettings
+from stages.base import RuntimeView, StageContext
+from stages.generator import GeneratorConfig, GeneratorStage
+
+FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "astronaut_640x480.jpg"
+FACE = {"face_id": 1, "bbox": [221, 83, 119, 119], "emotion": "happy",
+        "emotion_probs": {"happy": 0.9, "neutral": 0.1}, "quality": 0.95}
+
+
+@pytest.fixture(scope="module")
+def frame() -> torch.Tensor:
+    return torch.from_numpy(cv2.cvtColor(cv2.imread(str(FIXTURE)), cv2.COLOR_BGR2RGB))
+
+
+class Harness:
+    """A stage with a switchable runtime view and a list of published events."""
+
+    def __init__(self, **config) -> None:
+        self.view = RuntimeView(revision=1, settings=RuntimeSettings())
+        self.events: list[Message] = []
+        context = StageContext(rank=2, role="generator", replica=0, device=torch.device("cpu"),
+                               logger=logging.getLogger("test.generator"), runtime=lambda: self.view,
+                               publish_event=self.events.append)
+        self.stage = GeneratorStage(GeneratorConfig(**config), context)
+        self.stage.setup()
+
+    def set(self, revision: int, **settings) -> None:
+        self.view = RuntimeView(revision=revision, settings=RuntimeSettings(**settings))
+
+
+def analyzed(frame: torch.Tensor, session: str = "s1", frame_id: int = 1, faces=None,
+             client_ts: float = 1000.0) -> Message:
+    return Message(kind=Kind.ANALYZED, session=session, frame_id=frame_id, revision=1, client_ts=client_ts,
+                   meta={"faces": [FACE] if faces is None else faces, "width": 640, "height": 480},
+                   tensors=[frame])
+
+
+def test_portrait_of_the_face(frame):
+    h = Harness()
+    (out,) = h.stage.process([analyzed(frame)])
+    portrait = out.tensors[0]
+    assert out.kind == Kind.PORTRAIT and (out.session, out.frame_id, out.revision) == ("s1", 1, 1)
+    assert portrait.shape == (320, 320, 3) and portrait.dtype == torch.uint8 and portrait.is_contiguous()
+    assert out.meta["faces"] == [FACE] and out.meta["width"] == 640
+    style = out.meta["style"]
+    assert (style["name"], style["emotion"], style["confidence"], style["face_id"]) == ("pop/happy", "happy",
+                                                                                       0.9, 1)
+    x, y, w, hgt = style["crop"]
+    assert w == hgt and x <= 221 and y <= 83 and x + w >= 340 and y + w >= 202
+    assert "joyful" in style["prompt"]
+    assert [name for name, _ in out.trace] == ["generator.start", "generator.end"]
+    assert portrait.float().std() > 20  # a picture, not a flat fill
+    assert h.events == []
+
+
+def test_follows_changed_live_settings(frame):
+    h = Harness()
+    h.stage.process([analyzed(frame)])
+    h.set(revision=5, output_size=128, style="noir", strength=1.0)
+    (out,) = h.stage.process([analyzed(frame, frame_id=2)])
+    assert out.tensors[0].shape == (128, 128, 3) and out.revision == 5
+    assert out.meta["style"]["name"] == "noir/happy"
+    rgb = out.tensors[0].float()
+    assert (rgb[..., 0] - rgb[..., 2]).abs().mean() < 2  # fully styled noir is grey
+
+
+def test_no_face_uses_centre_crop(frame):
+    h = Harness()
+    (out,) = h.stage.process([analyzed(frame, faces=[])])
+    assert out.tensors[0].shape == (320, 320, 3)
+    assert out.meta["faces"] == [] and out.meta["style"]["crop"] == [80, 0, 480, 480]
+    assert out.meta["style"]["emotion"] == "neutral" and out.meta["style"]["face_id"] is None
+
+
+def test_largest_face_is_the_main_one(frame):
+    small = {**FACE, "face_id": 9, "bbox": [20, 300, 40, 40], "emotion": "sad", "emotion_probs": {"sad": 1.0}}
+    h = Harness()
+    (out,) = h.stage.process([analyzed(frame, faces=[small, FACE])])
+    assert out.meta["style"]["face_id"] == 1 and out.meta["style"]["emotion"] == "happy"
+
+
+def test_mixed_session_batch_keeps_order_and_state(frame):
+    h = Harness()
+    sad = {**FACE, "emotion": "sad", "emotion_probs": {"sad": 0.8}}
+    batch = [analyzed(frame, "a", 1), analyzed(frame, "b", 1, faces=[sad]), analyzed(frame, "a", 2, faces=[]),
+             analyzed(frame.flip(0).contiguous(), "c", 1)]
+    outputs = h.stage.process(batch)
+    assert [(o.session, o.frame_id) for o in outputs] == [("a", 1), ("b", 1), ("a", 2), ("c", 1)]
+    assert [o.meta["style"]["emotion"] for o in outputs] == ["happy", "sad", "neutral", "happy"]
+    assert h.stage.sessions_tracked == 3
+
+
+def test_smoothing_blends_with_previous_output(frame):
+    def second_frame(smoothing: float) -> torch.Tensor:
+        h = Harness()
+        h.set(revision=2, smoothing=smoothing)
+        h.stage.process([analyzed(frame, client_ts=0.0 + 1000.0)])
+        sad = {**FACE, "emotion": "sad", "emotion_probs": {"sad": 0.9}}
+        return h.stage.process([analyzed(frame, frame_id=2, faces=[sad])])[0].tensors[0].float()
+
+    happy_then_sad, plain_sad = second_frame(0.9), second_frame(0.0)
+    h = Harness()
+    happy = h.stage.process([analyzed(frame)])[0].tensors[0].float()
+    # Heavy smoothing keeps the second portrait close to the first (happy) one.
+    assert (happy_then_sad - happy).abs().mean() < (plain_sad - happy).abs().mean() / 3
+
+
+def test_idle_and_excess_sessions_are_evicted(frame):
+    h = Harness(max_sessions_state=2, session_idle_s=60.0)
+    h.stage.process([analyzed(frame, s, faces=[]) for s in ("a", "b", "c")])
+    assert h.stage.sessions_tracked == 2
+    h.stage.config.session_idle_s = 1e-9
+    h.stage.process([analyzed(frame, "d", faces=[])])
+    assert h.stage.sessions_tracked == 1
+
+
+def test_bad_frame_publishes_event(frame):
+    h = Harness()
+    bad = Message(kind=Kind.ANALYZED, session="s9", frame_id=4, meta={"faces": []}, tensors=[torch.zeros(5)])
+    outputs = h.stage.process([bad, analyzed(frame)])
+    assert [o.session for o in outputs] == ["s1"]
+    assert [(e.session, e.frame_id, e.meta["code"]) for e in h.events] == [("s9", 4, "bad_frame")]
+
+
+def test_face_at_the_border_is_clamped(frame):
+    edge = {**FACE, "bbox": [600, 440, 60, 60]}
+    h = Harness()
+    (out,) = h.stage.process([analyzed(frame, faces=[edge])])
+    x, y, w, _ = out.meta["style"]["crop"]
+    assert x + w <= 640 and y + w <= 480 and x >= 0 and y >= 0
+
+
+def test_config_is_validated():
+    with pytest.raises(ConfigError, match="face_margin"):
+        GeneratorConfig(face_margin=-1.0)
+    with pytest.raises(ConfigError, match="max_sessions_state"):
+        GeneratorConfig(max_sessions_state=0)

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+# Helpers beside the tests are imported by name; the folder has no __init__.py because a
+# `tests.stages` package would shadow the real `stages` package.
+sys.path.insert(0, str(Path(__file__).parent))
+
+from echo_hooks import EchoHooks  # noqa: E402
+
+from stages.server.config import ServerConfig  # noqa: E402
+from stages.server.ws_server import WebServer  # noqa: E402
+
+
+@pytest.fixture
+def hooks():
+    h = EchoHooks()
+    yield h
+    h.close()
+
+
+def make_server(hooks: EchoHooks, **overrides) -> WebServer:
+    values = dict(port=0, stats_interval_s=0.2, max_message_bytes=256 * 1024, max_sessions=4,
+                  close_timeout_s=1.0, stop_timeout_s=3.0)
+    values.update(overrides)
+    server = WebServer(ServerConfig(**values), hooks)
+    hooks.sink = server
+    server.start()
+    return server
+
+
+@pytest.fixture
+def server(hooks):
+    s = make_server(hooks)
+    yield s
+    s.stop()
