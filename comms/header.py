@@ -228,8 +228,9 @@ def pack_tensors(tensors: list[torch.Tensor], device: torch.device | str | None 
     flat = torch.empty(total, dtype=torch.uint8, device=device)
     for t, s in zip(tensors, specs):
         if s.nbytes:
-            # copy_ handles the device move and, through _as_bytes, non-contiguous inputs.
-            flat[s.offset:s.offset + s.nbytes].copy_(_as_bytes(t), non_blocking=False)
+            # Copying into a typed view of the region handles strides and the device
+            # move in one pass, with no intermediate contiguous copy.
+            flat[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape).copy_(t)
     return flat, specs
 
 
@@ -248,7 +249,7 @@ def unpack_tensors(flat: torch.Tensor, specs: list[TensorSpec]) -> list[torch.Te
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    # reshape copies only when t is not contiguous; a 0-d tensor becomes one element.
+    # Only for contiguous tensors; a 0-d tensor becomes one element.
     return t.reshape(-1).view(torch.uint8)
 
 

@@ -46,6 +46,7 @@ from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -173,6 +174,8 @@ class TorchChannel(Channel):
             self._end_sent = False
             self._send_lock = threading.Lock()
             self._slot = torch.zeros(config.slot_bytes, dtype=torch.uint8)
+            self.sent_by_path = {"inline": 0, "payload": 0, "overflow": 0, "empty": 0}
+            """Messages sent per path (overflow counts the header, the others the payload)."""
             self._start(self._credit_reader, "credits-in")
         else:
             self._queue: deque[Message] = deque()
@@ -239,7 +242,7 @@ class TorchChannel(Channel):
             extra = torch.frombuffer(bytearray(header), dtype=torch.uint8)
             keep.append(extra)
         else:
-            slot[_SLOT.size:_SLOT.size + len(header)] = memoryview(header)
+            slot[_SLOT.size:_SLOT.size + len(header)] = np.frombuffer(header, dtype=np.uint8)
         if inline:
             flat, _ = pack_tensors(msg.tensors, "cpu")
             self._slot[inline_at:inline_at + total].copy_(flat)
@@ -252,6 +255,9 @@ class TorchChannel(Channel):
             keep.append(flat)
             works.append(dist.isend(flat, self._peer, group=self._data))
         self._wait_all(works, flags & _FLAG_PAYLOAD and self._data_backend == "nccl")
+        self.sent_by_path["inline" if inline else "payload" if total else "empty"] += 1
+        if overflow:
+            self.sent_by_path["overflow"] += 1
 
     def _wait_all(self, works: list, last_is_nccl: bool) -> None:
         for i, work in enumerate(works):

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         runtime.close()
         if the_plan.world_size > 1:
-            clean = destroy_distributed(config.control.shutdown_timeout_s)
+            clean = destroy_distributed(runtime.shutdown_budget())
     if not clean:
         os._exit(1)  # a peer left the group wedged; threads may still hold it
     return 0 if runtime.failure is None else 1

@@ -3,7 +3,7 @@
 Rank 0 runs a ``ControlHub``; every other rank a ``ControlClient``. They talk over two
 small links per rank (gloo, CPU), apart from the data links:
 
-    ctl:0->r     Kind.CONTROL  {"op": "config", "revision", "settings"} | {"op": "stop", "reason"}
+    ctl:0->r     Kind.CONTROL  {"op": "config", "revision", "settings"} | {"op": "stop", "reason", "failed"}
     status:r->0  Kind.STATUS   {"op": "heartbeat", "snapshot": {...metrics...}}
                  Kind.EVENT    a stage's notice for a browser session, forwarded to rank 0
 
@@ -208,6 +208,10 @@ class ControlClient:
                 settings = settings_from_dict(msg.meta["settings"])
                 if self.live.set(int(msg.meta["revision"]), settings):
                     log.info("live config revision %d applied", msg.meta["revision"])
+            elif op == "stop" and msg.meta.get("failed"):
+                # The job failed elsewhere: this rank must end non-zero too, so that a
+                # scheduler sees one failed job rather than one failed rank.
+                self.on_failure(f"rank 0 stopped the job: {msg.meta.get('reason')}")
             elif op == "stop":
                 self.on_stop(str(msg.meta.get("reason", "stop requested by rank 0")))
             else:

@@ -132,7 +132,8 @@ class OutputSink(Channel):
             return
         msg.stamp("server.send")
         jpeg = msg.tensors[0].cpu().numpy().tobytes()
-        vision = msg.meta.get("vision", {"frame_id": msg.frame_id, "faces": []})
+        vision = dict(msg.meta.get("vision", {"frame_id": msg.frame_id, "faces": []}))
+        vision["revision"] = msg.revision  # which live config made this frame
         start = time.perf_counter()
         self._sink.deliver_output(msg.session, msg.frame_id, msg.client_ts, jpeg, vision)
         self.stats.record_send(len(jpeg), time.perf_counter() - start)

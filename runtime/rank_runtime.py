@@ -37,6 +37,8 @@ from stages.base import StageContext
 
 log = logging.getLogger(__name__)
 
+FAILED_SHUTDOWN_S = 2.0
+
 
 class RankRuntime:
     def __init__(self, config: MirrorConfig, plan: Plan, rank: int) -> None:
@@ -183,7 +185,8 @@ class RankRuntime:
             return
         log.info("stopping: %s", reason)
         if self.hub is not None:
-            self.hub.broadcast(Message(kind=Kind.CONTROL, meta={"op": "stop", "reason": reason}))
+            self.hub.broadcast(Message(kind=Kind.CONTROL, meta={
+                "op": "stop", "reason": reason, "failed": self.failure is not None}))
         self.stopping.set()
 
     def fail(self, reason: str) -> None:
@@ -237,7 +240,7 @@ class RankRuntime:
     def close(self) -> None:
         """Orderly stop: no new frames, stages end, links closed (END), inbound drained."""
         self.request_stop("shutting down")
-        deadline = time.monotonic() + self.config.control.shutdown_timeout_s
+        deadline = time.monotonic() + self.shutdown_budget()
         if self.server is not None:
             self.server.stop()
         if self.rank == 0:
@@ -250,9 +253,19 @@ class RankRuntime:
             if name not in remote or remote[name][0] == self.rank:
                 channel.close()  # ours to close: local queues, and links we send on (END)
         for name, (_, dst) in remote.items():
-            if dst == self.rank:
+            # Control links are drained by the control plane's own listener threads.
+            if dst == self.rank and not name.startswith(("ctl:", "status:")):
                 _drain(self.channels[name], deadline)
+        for name in remote:
+            # Their threads must be done before the process group they use is destroyed.
+            self.channels[name].join(max(0.0, deadline - time.monotonic()))
         log.info("stopped%s", f" after failure: {self.failure}" if self.failure else "")
+
+    def shutdown_budget(self) -> float:
+        """Seconds an orderly stop may take. After a failure a peer may be dead or frozen
+        and will never send END: wait briefly, then leave without its last messages."""
+        budget = self.config.control.shutdown_timeout_s
+        return budget if self.failure is None else min(budget, FAILED_SHUTDOWN_S)
 
     def _remote_links(self) -> list[tuple[str, tuple[int, int]]]:
         """Cross-rank links this rank is an end of: ``(name, (src, dst))``."""

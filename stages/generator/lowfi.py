@@ -146,9 +146,20 @@ def gradient_map(t: torch.Tensor, luts: torch.Tensor) -> torch.Tensor:
 
 def sobel(lum: torch.Tensor) -> torch.Tensor:
     """Gradient magnitude [B, 1, H, W] of [B, 1, H, W] (about 0..4 for 0..1 input)."""
-    kernels = _sobel_kernels(lum.device, lum.dtype)
-    grads = F.conv2d(F.pad(lum, (1, 1, 1, 1), mode="replicate"), kernels)
-    return torch.sqrt(grads.square().sum(1, keepdim=True) + 1e-12)
+    # Separable, by slicing: on one CPU thread this is ~4x faster than a 2-kernel conv2d.
+    p = F.pad(lum, (1, 1, 1, 1), mode="replicate")
+    smooth_v = p[..., :-2, :] + 2.0 * p[..., 1:-1, :] + p[..., 2:, :]
+    smooth_h = p[..., :-2] + 2.0 * p[..., 1:-1] + p[..., 2:]
+    gx = smooth_v[..., 2:] - smooth_v[..., :-2]
+    gy = smooth_h[..., 2:, :] - smooth_h[..., :-2, :]
+    return torch.sqrt(gx.square() + gy.square() + 1e-12)
+
+
+def box_blur3(x: torch.Tensor) -> torch.Tensor:
+    """3x3 mean with replicated borders, [B, C, H, W] → same (separable slices, like ``sobel``)."""
+    p = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    rows = p[..., :-2] + p[..., 1:-1] + p[..., 2:]
+    return (rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :]) * (1.0 / 9.0)
 
 
 def edge_mask(magnitude: torch.Tensor, threshold: float = 0.25, softness: float = 0.3) -> torch.Tensor:
@@ -177,18 +188,20 @@ def warp_grid(kinds: Sequence[str], amounts: Sequence[float], phases: Sequence[f
             # Fisheye on the face that pulses.
             f = 1.0 - a * 0.45 * (0.8 + 0.2 * math.sin(ph)) * (1.0 - r.square()).clamp_min(0.0)
             sx, sy = x * f, y * f
+        # The separable warps below evaluate their sines on one row or column (x[:1],
+        # y[:, :1]) and broadcast: H+W sines instead of H*W.
         elif kind == "melt":
             # The lower half drips: rows sample from higher up, more so in wavy columns.
-            drip = (0.55 + 0.45 * torch.sin(x * 5.0 + ph)) * ((y + 1.0) * 0.5).pow(1.5)
+            drip = (0.55 + 0.45 * torch.sin(x[:1] * 5.0 + ph)) * ((y[:, :1] + 1.0) * 0.5).pow(1.5)
             sx, sy = x, y - a * 0.22 * drip
         elif kind == "shiver":
             # Horizontal tearing bands; integer phase multiples keep it continuous at 2π.
-            sx = x + a * 0.03 * torch.sin(y * 38.0 + 2.0 * ph) * math.sin(3.0 * ph)
-            sy = y + a * 0.008 * torch.sin(x * 29.0 + ph)
+            sx = x + a * 0.03 * math.sin(3.0 * ph) * torch.sin(y[:, :1] * 38.0 + 2.0 * ph)
+            sy = y + a * 0.008 * torch.sin(x[:1] * 29.0 + ph)
         elif kind == "wave":
             # A flag in a light breeze.
-            sx = x + a * 0.05 * torch.sin(y * 4.0 + ph)
-            sy = y + a * 0.03 * torch.sin(x * 3.0 + ph)
+            sx = x + a * 0.05 * torch.sin(y[:, :1] * 4.0 + ph)
+            sy = y + a * 0.03 * torch.sin(x[:1] * 3.0 + ph)
         else:
             raise ValueError(f"unknown warp {kind!r}")
         grids.append(torch.stack((sx, sy), dim=-1))
@@ -227,7 +240,7 @@ def stylize(images: torch.Tensor, params: LowFiBatch) -> torch.Tensor:
 
     tone = normalise_contrast(luminance(warped))
     # A 3x3 box blur before quantising keeps skin from breaking into JPEG-noise speckles.
-    tone = F.avg_pool2d(tone, 3, stride=1, padding=1, count_include_pad=False)
+    tone = box_blur3(tone)
     ink = edge_mask(sobel(tone)) * per(params.edges)
 
     bands = posterize(tone, params.levels)
@@ -244,7 +257,8 @@ def stylize(images: torch.Tensor, params: LowFiBatch) -> torch.Tensor:
     styled = torch.lerp(styled, params.edge_colours.view(b, 3, 1, 1).expand_as(styled), ink)
     if bool((params.vignette > 0).any()):
         styled = styled * (1.0 - per(params.vignette) * _vignette(h, w, images.device, images.dtype))
-    return torch.lerp(warped, styled, per(params.strength)).clamp(0.0, 1.0)
+    # Every term above stays within 0..1 (lerps, a ≤1 vignette factor), so no final clamp.
+    return torch.lerp(warped, styled, per(params.strength))
 
 
 @lru_cache(maxsize=8)
@@ -261,9 +275,3 @@ def _base_grid(height: int, width: int, device: torch.device,
 def _vignette(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     x, y, r = _base_grid(height, width, device, dtype)
     return ((r - 0.6) / 0.8).clamp(0.0, 1.0).square()
-
-
-@lru_cache(maxsize=8)
-def _sobel_kernels(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    gx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=device, dtype=dtype)
-    return torch.stack((gx, gx.t())).unsqueeze(1)  # [2, 1, 3, 3]

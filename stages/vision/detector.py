@@ -12,7 +12,6 @@ Detection parameters follow ``fer`` (scale factor 1.1, 5 neighbours,
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import cv2
@@ -22,8 +21,6 @@ from stages.vision.face_crops import Box
 
 CASCADE_WINDOW_PX = 24
 """Training window of haarcascade_frontalface_default.xml: the smallest detectable face."""
-
-log = logging.getLogger(__name__)
 
 
 def default_cascade_path() -> Path:

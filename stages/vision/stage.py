@@ -43,7 +43,7 @@ class VisionStage(Stage):
     ``{"face_id", "bbox": [x, y, w, h] (input pixels), "emotion", "emotion_probs":
     {label: p}, "quality": 0..1}``, and trace points ``vision.start`` / ``vision.end``.
     Messages that are not frames, or whose tensor cannot be a frame, are dropped with a
-    warning and a ``Kind.EVENT`` (``meta["event"] = "vision_bad_frame"``) to the session.
+    warning and a ``Kind.EVENT`` (``meta["code"] = "vision_bad_frame"``) to the session.
     """
 
     kind = "vision"
@@ -150,7 +150,8 @@ class VisionStage(Stage):
 
     def _reject(self, msg: Message, reason: str) -> None:
         self.log.warning("vision: dropping frame %d of session %r: %s", msg.frame_id, msg.session, reason)
-        event = msg.derive(Kind.EVENT, meta={"event": "vision_bad_frame", "detail": reason})
+        # Same shape as the ingest stage's notices: {"code", "message"} for the page.
+        event = msg.derive(Kind.EVENT, meta={"code": "vision_bad_frame", "message": reason})
         self.context.publish_event(event.stamp("vision.rejected"))
         return None
 

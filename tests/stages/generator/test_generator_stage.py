@@ -99,8 +99,17 @@ def test_mixed_session_batch_keeps_order_and_state(frame):
              analyzed(frame.flip(0).contiguous(), "c", 1)]
     outputs = h.stage.process(batch)
     assert [(o.session, o.frame_id) for o in outputs] == [("a", 1), ("b", 1), ("a", 2), ("c", 1)]
-    assert [o.meta["style"]["emotion"] for o in outputs] == ["happy", "sad", "neutral", "happy"]
+    # Session a's face vanishing for one frame keeps its framing and emotion (face_hold_s).
+    assert [o.meta["style"]["emotion"] for o in outputs] == ["happy", "sad", "happy", "happy"]
+    assert outputs[2].meta["style"]["crop"] == outputs[0].meta["style"]["crop"]
     assert h.stage.sessions_tracked == 3
+
+
+def test_lost_face_falls_back_to_centre_after_hold(frame):
+    h = Harness(face_hold_s=0.0)
+    h.stage.process([analyzed(frame)])
+    (out,) = h.stage.process([analyzed(frame, frame_id=2, faces=[])])
+    assert out.meta["style"]["crop"] == [80, 0, 480, 480] and out.meta["style"]["emotion"] == "neutral"
 
 
 def test_smoothing_blends_with_previous_output(frame):

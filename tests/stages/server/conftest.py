@@ -33,7 +33,19 @@ def make_server(hooks: EchoHooks, **overrides) -> WebServer:
 
 
 @pytest.fixture
-def server(hooks):
-    s = make_server(hooks)
-    yield s
-    s.stop()
+def start_server(hooks):
+    """Start servers with other settings; all are stopped after the test."""
+    servers: list[WebServer] = []
+
+    def start(**overrides) -> WebServer:
+        servers.append(make_server(hooks, **overrides))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def server(start_server):
+    return start_server()

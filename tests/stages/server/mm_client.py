@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from websockets.sync.client import ClientConnection, connect
 
@@ -35,12 +36,11 @@ class Client:
         self.binaries: deque[BinaryFrame] = deque()
 
     @classmethod
-    def open(cls, server: Any, path: str = "ws", **kwargs: Any) -> "Client":
+    @contextlib.contextmanager
+    def open(cls, server: Any, path: str = "ws", **kwargs: Any) -> Iterator["Client"]:
         url = server.url.replace("http://", "ws://") + path
-        return cls(connect(url, compression=None, open_timeout=5, close_timeout=1, **kwargs))
-
-    def close(self) -> None:
-        self.ws.close()
+        with connect(url, compression=None, open_timeout=5, close_timeout=1, **kwargs) as ws:
+            yield cls(ws)
 
     def send(self, message: bytes | str | dict[str, Any]) -> None:
         self.ws.send(json.dumps(message) if isinstance(message, dict) else message)

@@ -109,7 +109,7 @@ def test_unusable_messages_are_dropped_with_an_event(context):
     outs = stage.process(bad + [good])
     assert len(outs) == 1 and outs[0].frame_id == good.frame_id
     assert len(events) == len(bad)
-    assert all(e.kind == Kind.EVENT and e.meta["event"] == "vision_bad_frame" for e in events)
+    assert all(e.kind == Kind.EVENT and e.meta["code"] == "vision_bad_frame" for e in events)
 
 
 def test_batched_equals_one_by_one(context, astronaut_rgb):

@@ -1,0 +1,282 @@
+"""TorchChannel across real gloo ranks (spawned processes, no mocks).
+
+Rank functions (``_r_*``) run on every rank of a ``GlooWorld``; the tests assert on
+what they return. One two-rank world is shared by most tests to keep spawn costs down;
+the failure test kills a rank, so it gets a world of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from comms.config import TransportConfig
+from comms.errors import ChannelClosed, ChannelTimeout, PeerFailure, TransportError
+from comms.message import Kind, Message
+from comms.torch_p2p import LinkSpec, create_links
+from tests.comms.gloo_ranks import GlooWorld
+
+DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+          torch.bfloat16, torch.float32, torch.float64, torch.bool]
+
+
+def make_message(i: int) -> Message:
+    """Deterministic message ``i``: both ranks build the same one to compare bytes."""
+    g = torch.Generator().manual_seed(i)
+    tensors = []
+    for j in range(i % 4):
+        dtype = DTYPES[(i + j) % len(DTYPES)]
+        shape = [(), (0,), (7,), (3, 5, 2), (64, 48, 3), (480, 640, 3)][(i * 7 + j) % 6]
+        raw = torch.randint(0, 256, (max(1, torch.Size(shape).numel() * dtype.itemsize),), generator=g,
+                            dtype=torch.uint8)
+        if dtype == torch.bool:
+            raw &= 1  # any other byte is not a valid bool and copies would normalise it
+        t = raw[:torch.Size(shape).numel() * dtype.itemsize].view(dtype).reshape(shape)
+        if t.dim() >= 2 and j % 2:
+            t = t.transpose(0, 1)  # non-contiguous on the sender
+        tensors.append(t)
+    return Message(kind=Kind.FRAME, session=f"s{i % 3}", frame_id=i, revision=i // 10, client_ts=i * 1.5,
+                   trace=[("src", 1000.0 + i)], meta={"i": i, "faces": [[1, 2, 3, 4]] * (i % 3)},
+                   tensors=tensors)
+
+
+def same_message(a: Message, b: Message) -> bool:
+    return (a.kind == b.kind and a.session == b.session and a.frame_id == b.frame_id
+            and a.revision == b.revision and a.client_ts == b.client_ts and a.trace == b.trace
+            and a.meta == b.meta and len(a.tensors) == len(b.tensors)
+            and all(x.dtype == y.dtype and x.shape == y.shape
+                    and torch.equal(x.contiguous().reshape(-1).view(torch.uint8),
+                                    y.contiguous().reshape(-1).view(torch.uint8))
+                    for x, y in zip(a.tensors, b.tensors)))
+
+
+# ------------------------------------------------------------------ rank functions
+
+def _r_order(rank, world, n):
+    ch = create_links([LinkSpec(name="order", src_rank=0, dst_rank=1)])["order"]
+    if rank == 0:
+        for i in range(n):
+            ch.send(make_message(i), timeout=10)
+        ch.close()
+        return dict(ch.sent_by_path)
+    mismatches = [i for i in range(n) if not same_message(ch.recv(timeout=10), make_message(i))]
+    with pytest.raises(ChannelClosed):
+        ch.recv(timeout=5)
+    return {"mismatches": mismatches, "received": ch.stats.messages_received, "joined": ch.join(5)}
+
+
+def _r_paths(rank, world):
+    config = TransportConfig(slot_bytes=4096, inline_max_bytes=2048)
+    ch = create_links([LinkSpec(name="paths", src_rank=0, dst_rank=1)], config)["paths"]
+    messages = [
+        Message(kind=Kind.EVENT, meta={"x": 1}),  # empty
+        Message(kind=Kind.FRAME, tensors=[torch.arange(500, dtype=torch.int32)]),  # 2000 B inline
+        Message(kind=Kind.FRAME, tensors=[torch.arange(600, dtype=torch.int32)]),  # 2400 B payload
+        Message(kind=Kind.STATUS, meta={"big": "x" * 10000}),  # overflow, no payload
+        Message(kind=Kind.STATUS, meta={"big": "y" * 10000}, tensors=[torch.ones(3, 3)]),  # overflow + payload
+        Message(kind=Kind.FRAME, tensors=[torch.ones(2, dtype=torch.bool), torch.zeros(0), torch.tensor(7.0)]),
+    ]
+    if rank == 0:
+        for m in messages:
+            ch.send(m, timeout=10)
+        ch.close()
+        return dict(ch.sent_by_path)
+    ok = [same_message(ch.recv(timeout=10), m) for m in messages]
+    return ok
+
+
+def _r_backpressure(rank, world):
+    config = TransportConfig(link_capacity=3)
+    ch = create_links([LinkSpec(name="bp", src_rank=0, dst_rank=1)], config)["bp"]
+    if rank == 0:
+        for i in range(3):
+            ch.send(make_message(i), timeout=5)
+        out = {"credits_full": ch.credits()}
+        t = time.monotonic()
+        with pytest.raises(ChannelTimeout):
+            ch.send(make_message(3), timeout=0)
+        with pytest.raises(ChannelTimeout):
+            ch.send(make_message(3), timeout=0.3)
+        out["waited"] = time.monotonic() - t
+        dist.barrier()  # the receiver starts consuming only now
+        t = time.monotonic()
+        ch.send(make_message(3), timeout=5)
+        out["unblocked_after"] = time.monotonic() - t
+        dist.barrier()
+        ch.close()
+        return out
+    dist.barrier()
+    time.sleep(0.2)  # the sender has been blocked all along; nothing more may have arrived
+    queued = len(ch._queue)
+    first = ch.recv(timeout=5)
+    dist.barrier()
+    rest = [ch.recv(timeout=5).frame_id for _ in range(3)]
+    return {"queued_max": queued, "ids": [first.frame_id] + rest}
+
+
+def _r_opposite(rank, world, n):
+    import threading
+
+    links = create_links([LinkSpec(name="fwd", src_rank=0, dst_rank=1), LinkSpec(name="back", src_rank=1, dst_rank=0)])
+    out_link, in_link = (links["fwd"], links["back"]) if rank == 0 else (links["back"], links["fwd"])
+    big = [torch.full((1 << 20,), i % 251, dtype=torch.uint8) for i in range(n)]
+
+    def pump():
+        for i in range(n):
+            out_link.send(Message(kind=Kind.FRAME, frame_id=i, tensors=[big[i]]), timeout=20)
+
+    sender = threading.Thread(target=pump)
+    sender.start()
+    got = [in_link.recv(timeout=20) for _ in range(n)]
+    sender.join(20)
+    ok = all(m.frame_id == i and torch.equal(m.tensors[0], big[i]) for i, m in enumerate(got))
+    out_link.close()
+    return ok
+
+
+def _r_close(rank, world):
+    links = create_links([LinkSpec(name="end", src_rank=0, dst_rank=1), LinkSpec(name="stop", src_rank=0, dst_rank=1)])
+    end, stop = links["end"], links["stop"]
+    if rank == 0:
+        for i in range(3):
+            end.send(make_message(i), timeout=5)
+        t = time.monotonic()
+        end.close()
+        end.close()
+        close_s = time.monotonic() - t
+        with pytest.raises(ChannelClosed):
+            end.send(make_message(9), timeout=1)
+        # "stop": the receiver closes; the sender learns it through CLOSED.
+        t = time.monotonic()
+        while True:
+            try:
+                stop.send(Message(kind=Kind.EVENT), timeout=5)
+            except ChannelClosed:
+                break
+        return {"close_s": close_s, "stop_noticed_s": time.monotonic() - t, "credits": stop.credits(),
+                "joined": end.join(5) and stop.join(5)}
+    time.sleep(0.3)
+    ids = [end.recv(timeout=5).frame_id for _ in range(3)]
+    with pytest.raises(ChannelClosed):
+        end.recv(timeout=5)
+    stop.recv(timeout=5)
+    stop.close()
+    with pytest.raises(ChannelClosed):
+        stop.recv(timeout=0)
+    with pytest.raises(TransportError):
+        end.send(make_message(0))
+    return {"ids": ids, "joined": end.join(5) and stop.join(5)}
+
+
+def _r_idle(rank, world, idle_s):
+    ch = create_links([LinkSpec(name="idle", src_rank=0, dst_rank=1)])["idle"]
+    if rank == 0:
+        time.sleep(idle_s)
+        ch.send(make_message(5), timeout=5)
+        ch.close()
+        return None
+    timeouts = 0
+    t = time.monotonic()
+    while True:
+        try:
+            msg = ch.recv(timeout=0.5)
+            break
+        except ChannelTimeout:
+            timeouts += 1
+    return {"waited": time.monotonic() - t, "timeouts": timeouts, "ok": same_message(msg, make_message(5))}
+
+
+def _r_kill(rank, world):
+    links = create_links([LinkSpec(name="a", src_rank=1, dst_rank=0), LinkSpec(name="b", src_rank=0, dst_rank=1),
+                          LinkSpec(name="c", src_rank=2, dst_rank=0)])
+    if rank == 1:
+        for i in range(5):
+            links["a"].send(make_message(i), timeout=5)
+        links["b"].recv(timeout=5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if rank == 2:
+        for i in range(20):
+            links["c"].send(make_message(i), timeout=10)
+            time.sleep(0.05)
+        links["c"].close()
+        return None
+    links["b"].send(make_message(0), timeout=5)
+    got = [links["a"].recv(timeout=5).frame_id for _ in range(5)]
+    t = time.monotonic()
+    with pytest.raises(PeerFailure):
+        links["a"].recv(timeout=30)
+    recv_noticed = time.monotonic() - t
+    t = time.monotonic()
+    with pytest.raises(PeerFailure):
+        for i in range(10):
+            links["b"].send(make_message(i), timeout=30)
+    send_noticed = time.monotonic() - t
+    healthy = [links["c"].recv(timeout=10).frame_id for _ in range(20)]
+    return {"got": got, "recv_noticed": recv_noticed, "send_noticed": send_noticed, "healthy": healthy}
+
+
+# ------------------------------------------------------------------------ tests
+
+@pytest.fixture(scope="module")
+def world():
+    with GlooWorld(2) as w:
+        yield w
+
+
+@pytest.mark.timeout(60)
+def test_strict_order_and_exact_bytes_over_200_mixed_messages(world):
+    sender, receiver = world.run(_r_order, 200, timeout=50)
+    assert receiver["mismatches"] == []
+    assert receiver["received"] == 200 and receiver["joined"]
+    assert sender["inline"] > 0 and sender["payload"] > 0 and sender["empty"] > 0
+
+
+@pytest.mark.timeout(60)
+def test_inline_payload_and_overflow_paths(world):
+    sender, receiver = world.run(_r_paths, timeout=30)
+    assert receiver == [True] * 6
+    assert sender == {"inline": 2, "payload": 2, "overflow": 2, "empty": 2}
+
+
+@pytest.mark.timeout(60)
+def test_backpressure_blocks_and_times_out_without_exceeding_capacity(world):
+    sender, receiver = world.run(_r_backpressure, timeout=30)
+    assert sender["credits_full"] == 0
+    assert 0.25 <= sender["waited"] < 2.0
+    assert sender["unblocked_after"] < 2.0
+    assert receiver["queued_max"] == 3
+    assert receiver["ids"] == [0, 1, 2, 3]
+
+
+@pytest.mark.timeout(60)
+def test_opposite_links_on_one_pair_run_concurrently(world):
+    assert world.run(_r_opposite, 40, timeout=40) == [True, True]
+
+
+@pytest.mark.timeout(60)
+def test_end_and_receiver_close_surface_channel_closed(world):
+    sender, receiver = world.run(_r_close, timeout=30)
+    assert receiver["ids"] == [0, 1, 2] and receiver["joined"]
+    assert sender["close_s"] < 2.0
+    assert sender["stop_noticed_s"] < 3.0 and sender["credits"] == 0 and sender["joined"]
+
+
+@pytest.mark.timeout(60)
+def test_idle_link_does_not_error(world):
+    _, receiver = world.run(_r_idle, 5.0, timeout=30)
+    assert receiver["ok"] and receiver["waited"] >= 4.5 and receiver["timeouts"] >= 8
+
+
+@pytest.mark.timeout(60)
+def test_killed_peer_surfaces_peer_failure_quickly_and_other_links_survive():
+    with GlooWorld(3) as w:
+        survivor, _, _ = w.run(_r_kill, timeout=40, expect_exit={1})
+    assert survivor["got"] == [0, 1, 2, 3, 4]
+    assert survivor["recv_noticed"] < 3.0
+    assert survivor["send_noticed"] < 3.0
+    assert survivor["healthy"] == list(range(20))

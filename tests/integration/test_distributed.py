@@ -1,0 +1,137 @@
+"""The mirror pipeline across 2-4 real gloo rank processes, driven by a WebSocket client."""
+
+import asyncio
+import json
+import signal
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+from tests.integration.mirror_client import MirrorClient
+from tests.integration.processes import RankProcesses
+from tests.integration.test_single_process import check_stream
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def write_config(tmp_path, data):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def stream_and_collect(port, sessions=1, frames=20, fps=12):
+    async def scenario():
+        clients = [MirrorClient(port) for _ in range(sessions)]
+        for c in clients:
+            await c.__aenter__()
+        try:
+            await asyncio.gather(*(c.stream(frames, fps) for c in clients))
+            for c in clients:
+                assert await c.wait_for(lambda g: g.outputs and g.outputs[-1].frame_id == frames - 1, 30)
+                await c.wait_for(lambda g: g.of_type("stats") and g.of_type("stats")[-1]["delivered"] > 0, 5)
+            return [c.got for c in clients]
+        finally:
+            for c in clients:
+                await c.__aexit__()
+
+    return asyncio.run(scenario())
+
+
+def stop_cleanly(ranks):
+    for rank in range(ranks.world_size):
+        ranks.signal(rank, signal.SIGTERM)
+    codes = ranks.wait_all(20)
+    logs = "\n".join(ranks.log(r)[-2000:] for r in range(ranks.world_size))
+    assert codes == [0] * ranks.world_size, f"exit codes {codes}\n{logs}"
+
+
+@pytest.fixture
+def launch(tmp_path):
+    started = []
+
+    def start(world_size, config=None):
+        ranks = RankProcesses(world_size, config, tmp_path)
+        started.append(ranks)
+        return ranks, ranks.wait_ready()
+
+    yield start
+    for ranks in started:
+        ranks.kill_all()
+
+
+def test_three_ranks_default_pipeline(launch):
+    ranks, port = launch(3)
+    (got,) = stream_and_collect(port)
+    check_stream(got, 19)
+    stats = got.of_type("stats")[-1]
+    assert [r["role"] for r in stats["ranks"]] == ["server+ingest+display", "vision", "generator"]
+    assert all(r["alive"] for r in stats["ranks"])
+    assert {"vision#0", "generator#0", "ingest#0", "display#0"} <= set(stats["stages"])
+    hops = stats["hops"]
+    assert hops["ingest#0->vision#0"]["bytes_sent"] >= 20 * 640 * 480 * 3 * 0.5  # raw frames crossed
+    assert hops["vision#0->generator#0"]["hop_ms"]["count"] > 0
+    health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5))
+    assert health["ok"] and [r["device"] for r in health["ranks"]] == ["cpu"] * 3
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'mirror_stage_compute_ms{quantile="0.50",stage="vision#0"}' in metrics
+    stop_cleanly(ranks)
+
+
+def test_two_ranks_with_vision_and_generator_sharing_a_rank(launch, tmp_path):
+    config = write_config(tmp_path, {"pipeline": {"stages": [
+        {"name": "ingest", "placement": "server"},
+        {"name": "vision", "ranks": [1]},
+        {"name": "generator", "ranks": [1]},
+        {"name": "display", "placement": "server"},
+    ]}})
+    ranks, port = launch(2, config)
+    (got,) = stream_and_collect(port, frames=12)
+    check_stream(got, 11)
+    assert got.of_type("stats")[-1]["ranks"][1]["role"] == "vision+generator"
+    stop_cleanly(ranks)
+
+
+def test_four_ranks_two_generators_two_sessions_each_in_order(launch):
+    ranks, port = launch(4)
+    got = stream_and_collect(port, sessions=2, frames=12, fps=8)
+    for session in got:
+        check_stream(session, 11)
+    stages = got[0].of_type("stats")[-1]["stages"]
+    assert {"generator#0", "generator#1"} <= set(stages)
+    stop_cleanly(ranks)
+
+
+def test_a_killed_rank_ends_the_job_with_its_name(launch):
+    ranks, port = launch(3)
+
+    async def run_until_killed():
+        async with MirrorClient(port) as client:
+            streaming = asyncio.create_task(client.stream(100, fps=10))
+            assert await client.wait_for(lambda g: len(g.outputs) >= 3)
+            ranks.procs[1].kill()
+            killed_at = time.monotonic()
+            await client.closed.wait()  # rank 0 closes the browser sessions as it stops
+            streaming.cancel()
+            return time.monotonic() - killed_at
+
+    seconds_to_close = asyncio.run(asyncio.wait_for(run_until_killed(), 60))
+    codes = ranks.wait_all(15)
+    assert codes[0] == 1 and codes[2] == 1, f"survivors should fail: {codes}"
+    assert "job failed: rank 1 (vision) died" in ranks.log(0)
+    assert seconds_to_close < 10
+
+
+def test_a_stalled_rank_is_detected_and_the_job_ends(launch, tmp_path):
+    config = write_config(tmp_path, {"control": {"heartbeat_s": 0.25, "liveness_timeout_s": 2.0}})
+    ranks, port = launch(3, config)
+    ranks.signal(2, signal.SIGSTOP)  # alive but silent: the worst case for a pipeline
+    stopped_at = time.monotonic()
+    codes = ranks.wait_all(20, ranks=[0, 1])
+    took = time.monotonic() - stopped_at
+    ranks.kill_all()
+    assert codes[0] == 1 and codes[1] == 1, f"rank 0 and 1 should fail: {codes}\n{ranks.log(0)}"
+    assert "rank 2 (generator) stalled: no heartbeat" in ranks.log(0)
+    assert took < 15

@@ -1,0 +1,49 @@
+"""``ServerConfig`` validation: defaults are sane, nonsense is refused with the field's name."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.config_loader import ConfigError, build
+from stages.server.config import ServerConfig
+
+
+def test_defaults():
+    config = ServerConfig()
+    assert (config.host, config.port) == ("127.0.0.1", 8765)
+    assert config.max_message_bytes == 4 << 20
+    assert config.stats_interval_s <= 1.0
+    assert config.max_frame_pixels <= config.max_frame_width * config.max_frame_height
+
+
+def test_builds_from_a_yaml_mapping():
+    config = build(ServerConfig, {"port": 0, "ping_interval_s": None, "max_sessions": 2}, "server")
+    assert (config.port, config.ping_interval_s, config.max_sessions) == (0, None, 2)
+
+
+@pytest.mark.parametrize("values, field", [
+    ({"host": ""}, "host"),
+    ({"port": 70000}, "port"),
+    ({"port": -1}, "port"),
+    ({"max_message_bytes": 100}, "max_message_bytes"),
+    ({"max_queue": 0}, "max_queue"),
+    ({"max_sessions": 0}, "max_sessions"),
+    ({"max_frame_width": 8}, "max_frame_width"),
+    ({"max_frame_pixels": 4096 * 4096}, "max_frame_pixels"),
+    ({"stats_interval_s": 2.0}, "stats_interval_s"),
+    ({"stats_interval_s": 0.0}, "stats_interval_s"),
+    ({"session_out_queue": 0}, "session_out_queue"),
+    ({"session_error_queue": 0}, "session_error_queue"),
+    ({"ping_timeout_s": 0.0}, "ping_timeout_s"),
+    ({"stop_timeout_s": 0.0}, "stop_timeout_s"),
+])
+def test_refusals_name_the_field(values, field):
+    with pytest.raises(ConfigError) as info:
+        ServerConfig(**values)
+    assert info.value.path == field
+
+
+def test_unknown_key_via_build():
+    with pytest.raises(ConfigError) as info:
+        build(ServerConfig, {"prot": 1}, "server")
+    assert str(info.value).startswith("server.prot: unknown key")
