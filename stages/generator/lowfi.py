@@ -61,6 +61,10 @@ class LowFiBatch:
     """Warp amount per sample, already multiplied by the runtime strength."""
     phases: list[float]
     """Animation phase per sample, radians in [0, 2π)."""
+    mixes_colour: bool
+    """Any sample keeps photo colours (decided on the host: no device sync per batch)."""
+    vignettes: bool
+    """Any sample darkens its corners."""
 
     @classmethod
     def from_prompts(cls, prompts: Sequence[StylePrompt], phases: Sequence[float], strength: float,
@@ -91,13 +95,15 @@ class LowFiBatch:
             warps=[p.warp for p in prompts],
             warp_amounts=[p.warp_amount * strength for p in prompts],
             phases=[float(ph) for ph in phases],
+            mixes_colour=any(p.keep_colour > 0 for p in prompts),
+            vignettes=any(p.vignette > 0 for p in prompts),
         )
 
 
-def animation_phase(t_seconds: float, hz: float) -> float:
-    """Phase in [0, 2π) at time ``t_seconds``; reduced in float64 here because epoch
-    seconds lose all sub-second precision once they reach a float32 tensor."""
-    return (2.0 * math.pi * hz * t_seconds) % (2.0 * math.pi)
+def advance_phase(phase: float, dt_seconds: float, hz: float) -> float:
+    """``phase`` moved on by ``dt_seconds`` at ``hz`` cycles per second, kept in [0, 2π)
+    (in Python floats, so it never grows into float32 territory where it loses precision)."""
+    return (phase + 2.0 * math.pi * hz * dt_seconds) % (2.0 * math.pi)
 
 
 def palette_shift(cycle: float, phase: float) -> float:
@@ -250,12 +256,12 @@ def stylize(images: torch.Tensor, params: LowFiBatch) -> torch.Tensor:
     slid = 1.0 - (slid.remainder(2.0) - 1.0).abs()
     styled = gradient_map(slid, params.luts)
 
-    if bool((params.keep_colour > 0).any()):
+    if params.mixes_colour:
         own = posterize(saturate(warped, 1.6), params.levels)
         styled = torch.lerp(styled, own, per(params.keep_colour))
 
     styled = torch.lerp(styled, params.edge_colours.view(b, 3, 1, 1).expand_as(styled), ink)
-    if bool((params.vignette > 0).any()):
+    if params.vignettes:
         styled = styled * (1.0 - per(params.vignette) * _vignette(h, w, images.device, images.dtype))
     # Every term above stays within 0..1 (lerps, a ≤1 vignette factor), so no final clamp.
     return torch.lerp(warped, styled, per(params.strength))

@@ -24,6 +24,11 @@ from stages.generator import lowfi
 from stages.prompt import StylePrompt, style_prompt
 
 
+MAX_PHASE_STEP_S = 0.5
+"""Longest time step the animation takes between two frames of a session (a paused or
+reordered stream resumes where it was instead of skipping ahead or backwards)."""
+
+
 @dataclass(kw_only=True, slots=True)
 class GeneratorConfig:
     face_margin: float = 0.55
@@ -71,6 +76,8 @@ class _SessionState:
     box: tuple[float, float, float] | None = None  # centre x, centre y, side (pixels)
     face_seen: float = 0.0  # monotonic time the box last followed a detected face
     emotion: tuple[str, float] = ("neutral", 0.0)  # label and confidence of that face
+    clock: float | None = None  # capture time (s) of the last frame, for the phase step
+    phase: float = 0.0  # animation phase, radians
     previous: torch.Tensor | None = field(default=None)  # [3, S, S] float on the device
 
 
@@ -174,9 +181,14 @@ class GeneratorStage(Stage):
             state.emotion = ("neutral", self.config.fallback_confidence)
         prompt = style_prompt(*state.emotion, settings.style)
         # The capture clock animates the portrait, so the motion follows the camera's
-        # timing and not queueing jitter; frames without one fall back to wall time.
+        # timing and not queueing jitter; frames without one fall back to wall time. The
+        # phase is integrated per session: the speed changes with every confidence
+        # wobble, and speed × absolute time would then jump around instead of flowing.
         t = msg.client_ts / 1000.0 if msg.client_ts > 0 else time.time()
-        phase = lowfi.animation_phase(t, self.config.animation_hz * prompt.speed)
+        step = 0.0 if state.clock is None else min(max(t - state.clock, 0.0), MAX_PHASE_STEP_S)
+        state.clock = t
+        state.phase = lowfi.advance_phase(state.phase, step, self.config.animation_hz * prompt.speed)
+        phase = state.phase
         face_id = None if face is None else face.get("face_id")
         return _Item(msg=msg, crop=crop, box=box, prompt=prompt, face_id=face_id, phase=phase)
 

@@ -203,9 +203,9 @@ class WebServer:
 
     async def _handle(self, connection: ServerConnection) -> None:
         if len(self._sessions) >= self.config.max_sessions:
-            await connection.send(protocol.error_message(
-                ErrorCode.TOO_MANY_SESSIONS, f"the server takes {self.config.max_sessions} sessions at once"))
-            await connection.close(CloseCode.TRY_AGAIN_LATER, "too many sessions")
+            await _refuse(connection, ErrorCode.TOO_MANY_SESSIONS,
+                          f"the server takes {self.config.max_sessions} sessions at once",
+                          CloseCode.TRY_AGAIN_LATER, "too many sessions")
             return
         session = Session(id=uuid.uuid4().hex[:12], connection=connection, metrics=self._metrics,
                           max_frames=self.config.session_out_queue, max_errors=self.config.session_error_queue)
@@ -214,8 +214,8 @@ class WebServer:
             config_text = self._config_text(self._hooks.config_current())
         except Exception as e:
             log.exception("opening session %s failed", session.id)
-            await connection.send(protocol.error_message(ErrorCode.INTERNAL, _describe(e)))
-            await connection.close(CloseCode.INTERNAL_ERROR, "session could not open")
+            await _refuse(connection, ErrorCode.INTERNAL, _describe(e), CloseCode.INTERNAL_ERROR,
+                          "session could not open")
             return
         self._sessions[session.id] = session
         self._session_count = len(self._sessions)
@@ -321,6 +321,16 @@ class WebServer:
     def _config_text(current: dict[str, Any]) -> str:
         # The page builds its style menu from this, so it never lists a style the config refuses.
         return protocol.encode_message(protocol.CONFIG_CURRENT, {"styles": list(STYLES), **current})
+
+
+async def _refuse(connection: ServerConnection, code: ErrorCode, message: str, close_code: CloseCode,
+                  reason: str) -> None:
+    """Tell the page why in an ``error`` (it cannot read a close reason as easily), then close."""
+    try:
+        await connection.send(protocol.error_message(code, message))
+        await connection.close(close_code, reason)
+    except ConnectionClosed:
+        pass  # it left first
 
 
 def _describe(e: BaseException) -> str:

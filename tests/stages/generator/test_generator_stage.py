@@ -127,6 +127,16 @@ def test_smoothing_blends_with_previous_output(frame):
     assert (happy_then_sad - happy).abs().mean() < (plain_sad - happy).abs().mean() / 3
 
 
+def test_portrait_animates_with_capture_time(frame):
+    h = Harness()
+    h.set(revision=2, smoothing=0.0)
+    first = h.stage.process([analyzed(frame, client_ts=1000.0)])[0].tensors[0].float()
+    again = h.stage.process([analyzed(frame, frame_id=2, client_ts=1000.0)])[0].tensors[0].float()
+    later = h.stage.process([analyzed(frame, frame_id=3, client_ts=1400.0)])[0].tensors[0].float()
+    assert torch.equal(first, again)  # same capture time, same picture
+    assert (later - first).abs().mean() > 2.0
+
+
 def test_idle_and_excess_sessions_are_evicted(frame):
     h = Harness(max_sessions_state=2, session_idle_s=60.0)
     h.stage.process([analyzed(frame, s, faces=[]) for s in ("a", "b", "c")])

@@ -77,10 +77,10 @@ def test_every_warp_stays_in_frame_and_moves(face, kind):
     assert ((warped - face).abs().mean() > 1e-3) == (kind != "none")
 
 
-def test_animation_phase_is_periodic_and_precise():
-    t = 1_763_880_000.125  # epoch seconds: float32 would round this to 128 s steps
-    assert lowfi.animation_phase(t, 1.0) == pytest.approx(2 * math.pi * 0.125)
-    assert 0.0 <= lowfi.animation_phase(t, 0.37) < 2 * math.pi
+def test_advance_phase_wraps():
+    assert lowfi.advance_phase(0.0, 0.125, 1.0) == pytest.approx(2 * math.pi * 0.125)
+    assert lowfi.advance_phase(6.0, 1.0, 1.0) == pytest.approx(6.0)  # one full cycle later
+    assert 0.0 <= lowfi.advance_phase(6.2, 0.1, 3.0) < 2 * math.pi
 
 
 def test_temporal_smoothing_blends():

@@ -7,6 +7,13 @@ meters and any console errors and saves a screenshot::
 
     python tests/stages/server/browser_check.py --seconds 8 --out /tmp/mirror.png
 
+With ``--url`` it opens a running pipeline instead (no double), and ``--face-camera``
+feeds Chromium's fake camera the astronaut fixture (a real face, gently moving), so the
+real vision and generator stages have something to see::
+
+    torchrun --standalone --nproc-per-node 3 launch/mirror.py &
+    python tests/stages/server/browser_check.py --url http://127.0.0.1:8765/ --face-camera
+
 Needs a ``chromium`` binary (``apt-get install chromium``); talks to it over the
 DevTools protocol with the ``websockets`` client.
 """
@@ -105,24 +112,44 @@ async def drive(port: int, seconds: float, screenshot: Path) -> dict:
     return {"page": result["result"]["value"], "console_problems": problems}
 
 
+def face_camera_file(seconds: float = 6.0, fps: int = 20) -> Path:
+    """A y4m clip of the fixture face drifting a few pixels (Chromium loops it)."""
+    fixture = Path(__file__).parents[2] / "fixtures" / "astronaut_640x480.jpg"
+    bgr = cv2.imdecode(np.frombuffer(fixture.read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+    path = Path(tempfile.mkdtemp()) / "face.y4m"
+    with open(path, "wb") as f:
+        f.write(f"YUV4MPEG2 W640 H480 F{fps}:1 Ip A1:1 C420jpeg\n".encode())
+        for i in range(int(seconds * fps)):
+            dx = int(12 * np.sin(2 * np.pi * i / (seconds * fps)))
+            moved = np.roll(bgr, dx, axis=1)
+            f.write(b"FRAME\n" + cv2.cvtColor(moved, cv2.COLOR_BGR2YUV_I420).tobytes())
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--out", type=Path, default=Path("/tmp/mind_mirror_page.png"))
     parser.add_argument("--chromium", default=shutil.which("chromium") or "chromium")
+    parser.add_argument("--url", help="open this running pipeline instead of an echo double")
+    parser.add_argument("--face-camera", action="store_true", help="fake camera shows the fixture face")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    hooks = EchoHooks(transform=stylize)
-    server = WebServer(ServerConfig(port=0), hooks)
-    hooks.sink = server
-    server.start()
+    hooks = server = None
+    if args.url is None:
+        hooks = EchoHooks(transform=stylize)
+        server = WebServer(ServerConfig(port=0), hooks)
+        hooks.sink = server
+        server.start()
+    camera = [f"--use-file-for-fake-video-capture={face_camera_file()}"] if args.face_camera else []
     profile = tempfile.mkdtemp()
     browser = subprocess.Popen([
         args.chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
-        f"--user-data-dir={profile}", "--remote-debugging-port=9333", "--window-size=1400,860", server.url,
+        "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream", *camera,
+        f"--user-data-dir={profile}", "--remote-debugging-port=9333", "--window-size=1400,860",
+        args.url or server.url,
     ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(100):
@@ -135,8 +162,9 @@ def main() -> None:
     finally:
         browser.terminate()
         browser.wait(10)
-        server.stop()
-        hooks.close()
+        if server is not None:
+            server.stop()
+            hooks.close()
     print(json.dumps(report, indent=2))
     print(f"screenshot: {args.out}")
 

@@ -277,3 +277,17 @@ def test_binary_json_payload_is_not_a_text_message(server):
     with Client.open(server) as client:
         client.send(json.dumps({"type": "config.update", "payload": {}}).encode())
         assert client.text("error")["code"] == "bad_magic"
+
+
+def test_open_session_failure_refuses_only_that_session(server, hooks, monkeypatch):
+    with Client.open(server) as fine:
+        fine.text("config.current")
+        real_open = hooks.open_session
+        monkeypatch.setattr(hooks, "open_session", lambda session: 1 / 0)
+        with Client.open(server) as refused:
+            assert refused.text("error") == {"code": "internal", "message": "ZeroDivisionError: division by zero"}
+            with pytest.raises(ConnectionClosed):
+                refused.ws.recv(timeout=3)
+            assert refused.ws.close_code == 1011
+        monkeypatch.setattr(hooks, "open_session", real_open)
+        fine.roundtrip(1)
