@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 from comms.config import TransportConfig
 from comms.message import Kind, Message
-from comms.torch_p2p import LinkSpec, create_links
+from comms.links import LinkSpec, create_links
 
 log = logging.getLogger(__name__)
 

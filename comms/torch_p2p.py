@@ -1,7 +1,7 @@
 """Channels between ranks over torch.distributed point-to-point sends.
 
 Every directed link gets three two-rank process groups of its own, created by all
-ranks in the same order (``create_links``):
+ranks in the same order (``comms.links.create_links``):
 
 * ``meta`` (gloo): fixed-size header slots, sender -> receiver;
 * ``data`` (NCCL when both ends are CUDA devices, else gloo): the packed payload;
@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import atexit
 import logging
+import re
 import struct
 import threading
 import time
 import weakref
+from typing import TYPE_CHECKING
 from collections import deque
-from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
@@ -56,7 +57,9 @@ from comms.errors import ChannelClosed, ChannelTimeout, HeaderError, PeerFailure
 from comms.header import align_up, decode_header, encode_header, layout, pack_tensors, unpack_tensors
 from comms.inprocess import deadline_of, remaining
 from comms.message import Message
-from runtime.config_loader import check
+
+if TYPE_CHECKING:
+    from comms.links import LinkSpec
 
 log = logging.getLogger(__name__)
 
@@ -71,81 +74,6 @@ _FLAG_INLINE, _FLAG_OVERFLOW, _FLAG_PAYLOAD = 1, 2, 4
 _CREDIT, _CLOSED = 1, 2
 
 _live: "weakref.WeakSet[TorchChannel]" = weakref.WeakSet()
-
-
-@dataclass(kw_only=True, slots=True, frozen=True)
-class LinkSpec:
-    """One directed link between two ranks; every rank passes the same list."""
-
-    name: str
-    """Unique link name, the key of ``create_links``' result."""
-    src_rank: int
-    """Global rank that sends."""
-    dst_rank: int
-    """Global rank that receives; must differ from ``src_rank``."""
-    src_device: str = "cpu"
-    """Device of the sending stage ('cpu', 'cuda', 'cuda:1')."""
-    dst_device: str = "cpu"
-    """Device of the receiving stage; received tensors are placed there."""
-
-    def __post_init__(self) -> None:
-        check(isinstance(self.name, str) and bool(self.name), "name", f"must be a non-empty string, got {self.name!r}")
-        for field_name in ("src_rank", "dst_rank"):
-            value = getattr(self, field_name)
-            check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, field_name,
-                  f"must be an integer >= 0, got {value!r}")
-        check(self.src_rank != self.dst_rank, "dst_rank",
-              f"must differ from src_rank ({self.src_rank}); use InProcessChannel within a rank")
-        for field_name in ("src_device", "dst_device"):
-            value = getattr(self, field_name)
-            try:
-                device = torch.device(value)
-            except (RuntimeError, TypeError):
-                device = None
-            check(device is not None and device.type in ("cpu", "cuda"), field_name,
-                  f"must be 'cpu' or a CUDA device like 'cuda:0', got {value!r}")
-
-
-def data_backend_for(spec: LinkSpec, config: TransportConfig) -> str:
-    """The backend that carries ``spec``'s payloads under ``config``."""
-    both_cuda = torch.device(spec.src_device).type == "cuda" and torch.device(spec.dst_device).type == "cuda"
-    if config.backend == "nccl":
-        check(both_cuda, "backend", f"'nccl' needs CUDA devices at both ends, link {spec.name!r} has "
-                                    f"{spec.src_device} -> {spec.dst_device}; allowed: 'auto', 'gloo'")
-        return "nccl"
-    return "nccl" if config.backend == "auto" and both_cuda else "gloo"
-
-
-def create_links(specs: list[LinkSpec], config: TransportConfig | None = None) -> dict[str, "TorchChannel"]:
-    """Create the process groups of every link (collective: all ranks, same ``specs``)
-    and return the channels this rank is an end of, by link name."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise TransportError("create_links needs torch.distributed initialised (init_process_group) first")
-    config = config or TransportConfig()
-    world, rank = dist.get_world_size(), dist.get_rank()
-    names = set()
-    for i, spec in enumerate(specs):
-        if not isinstance(spec, LinkSpec):
-            raise TransportError(f"specs[{i}]: expected a LinkSpec, got {type(spec).__name__}")
-        if spec.name in names:
-            raise TransportError(f"specs[{i}]: duplicate link name {spec.name!r}")
-        names.add(spec.name)
-        if max(spec.src_rank, spec.dst_rank) >= world:
-            raise TransportError(f"link {spec.name!r}: ranks {spec.src_rank} -> {spec.dst_rank} "
-                                 f"outside the world of {world}")
-    init_timeout = timedelta(seconds=config.init_timeout_s)
-    channels = {}
-    for spec in specs:
-        backend = data_backend_for(spec, config)
-        ranks = [spec.src_rank, spec.dst_rank]
-        meta = dist.new_group(ranks, backend="gloo", timeout=init_timeout)
-        data = dist.new_group(ranks, backend=backend, timeout=init_timeout)
-        credit = dist.new_group(ranks, backend="gloo", timeout=init_timeout)
-        if rank in ranks:
-            channels[spec.name] = TorchChannel(spec, rank=rank, meta=meta, data=data, credit=credit,
-                                               data_backend=backend, config=config)
-            log.debug("link %r: rank %d -> %d, payloads on %s", spec.name, spec.src_rank, spec.dst_rank, backend)
-    return channels
 
 
 class TorchChannel(Channel):
@@ -447,7 +375,7 @@ class TorchChannel(Channel):
         """Mark the link failed (first reason wins) and wake every waiter."""
         with self._cond:
             if self._failure is None:
-                self._failure = f"link {self.name!r}: {reason}"
+                self._failure = f"link {self.name!r}: {_concise(reason)}"
                 if self._closed:
                     log.debug("%s (after close)", self._failure)
                 else:
@@ -475,3 +403,9 @@ def _close_live_channels() -> None:
     for channel in channels:
         if not channel.join(max(0.0, deadline - time.monotonic())):
             log.debug("link %r: background threads still running at exit", channel.name)
+
+
+def _concise(reason: str) -> str:
+    """gloo's errors carry a source path and a paragraph of advice; keep the fact."""
+    reason = re.sub(r"\[[^\]]*gloo/[^\]]*\] ", "", reason)
+    return reason.split(" This is typically caused")[0]

@@ -21,6 +21,7 @@ import torch
 from comms.channel import Channel
 from comms.errors import ChannelClosed, ChannelTimeout, TransportError
 from comms.inprocess import InProcessChannel
+from comms.links import LinkSpec, create_links
 from comms.message import Message, Kind
 from runtime.aggregate import Aggregator
 from runtime.config import MirrorConfig
@@ -97,7 +98,6 @@ class RankRuntime:
             for r in range(1, self.plan.world_size):
                 remote_specs.append(_spec(f"ctl:0->{r}", 0, r, "cpu", "cpu"))
                 remote_specs.append(_spec(f"status:{r}->0", r, 0, "cpu", "cpu"))
-            from comms.torch_p2p import create_links  # needs an initialised process group
             self.channels.update(create_links(remote_specs, self.config.transport))
 
     def _build_front(self) -> None:
@@ -291,7 +291,5 @@ def _drain(channel: Channel, deadline: float) -> None:
             return
 
 
-def _spec(name: str, src: int, dst: int, src_device: str, dst_device: str):
-    from comms.torch_p2p import LinkSpec
-
+def _spec(name: str, src: int, dst: int, src_device: str, dst_device: str) -> LinkSpec:
     return LinkSpec(name=name, src_rank=src, dst_rank=dst, src_device=src_device, dst_device=dst_device)

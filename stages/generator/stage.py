@@ -111,9 +111,9 @@ class GeneratorStage(Stage):
         # Warm up: first calls build grids, kernels and palette tables.
         view = self.context.runtime()
         size = view.settings.output_size
-        dummy = torch.zeros(1, 3, size, size, device=self.context.device)
+        warmup_frame = torch.zeros(1, 3, size, size, device=self.context.device)
         prompt = style_prompt("neutral", 0.5, "auto")
-        lowfi.stylize(dummy, lowfi.LowFiBatch.from_prompts([prompt], [0.0], 0.5, self.context.device, self._luts))
+        lowfi.stylize(warmup_frame, lowfi.LowFiBatch.from_prompts([prompt], [0.0], 0.5, self.context.device, self._luts))
 
     def process(self, batch: list[Message]) -> list[Message]:
         if not batch:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from comms.config import TransportConfig
 from comms.errors import ChannelClosed, ChannelTimeout, PeerFailure, TransportError
 from comms.message import Kind, Message
-from comms.torch_p2p import LinkSpec, create_links
+from comms.links import LinkSpec, create_links
 from tests.comms.gloo_ranks import GlooWorld
 
 DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
