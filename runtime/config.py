@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from comms.config import TransportConfig
-from runtime.config_loader import ConfigError, build, check, check_choice
+from runtime.config_loader import ConfigError, build, check, check_choice, check_range
 from runtime.control import ControlConfig
 from runtime.live_config import LiveConfig, RuntimeSettings
 from runtime.pipeline_config import PipelineConfig
@@ -54,7 +54,7 @@ class ComputeConfig:
     """Log level for every rank."""
 
     def __post_init__(self) -> None:
-        check(1 <= self.torch_threads <= 256, "torch_threads", f"must be within 1..256, got {self.torch_threads}")
+        check_range(self.torch_threads, "torch_threads", 1, 256)
         check_choice(self.log_level, "log_level", ("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
@@ -65,8 +65,7 @@ class FlowConfig:
     dropped. Small on purpose: a live mirror should show the newest frame, not catch up."""
 
     def __post_init__(self) -> None:
-        check(1 <= self.session_queue_depth <= 64, "session_queue_depth",
-              f"must be within 1..64, got {self.session_queue_depth}")
+        check_range(self.session_queue_depth, "session_queue_depth", 1, 64)
 
 
 @dataclass(kw_only=True, slots=True)

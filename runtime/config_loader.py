@@ -45,6 +45,16 @@ def check(condition: bool, field_name: str, message: str) -> None:
         raise ConfigError(message, field_name)
 
 
+def check_range(value: float, field_name: str, low: float, high: float) -> None:
+    """Raise ``ConfigError`` for ``field_name`` unless ``low <= value <= high``."""
+    if not low <= value <= high:
+        raise ConfigError(f"must be within {_number(low)}..{_number(high)}, got {_number(value)}", field_name)
+
+
+def _number(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) and abs(x) < 1e6 else str(x)
+
+
 def check_choice(value: Any, field_name: str, allowed: typing.Iterable[Any]) -> None:
     allowed = list(allowed)
     if value not in allowed:

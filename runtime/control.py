@@ -23,7 +23,7 @@ from typing import Callable
 from comms.channel import Channel
 from comms.errors import ChannelClosed, ChannelTimeout, PeerFailure, TransportError
 from comms.message import Kind, Message
-from runtime.config_loader import check
+from runtime.config_loader import check, check_range
 from runtime.live_config import RuntimeSettings, settings_from_dict, settings_to_dict
 from runtime.live_view import LiveView
 
@@ -40,11 +40,10 @@ class ControlConfig:
     """Longest an orderly shutdown may take before the process exits regardless."""
 
     def __post_init__(self) -> None:
-        check(0.05 <= self.heartbeat_s <= 10, "heartbeat_s", f"must be within 0.05..10, got {self.heartbeat_s}")
+        check_range(self.heartbeat_s, "heartbeat_s", 0.05, 10)
         check(self.liveness_timeout_s >= 4 * self.heartbeat_s, "liveness_timeout_s",
               f"must be at least 4 x heartbeat_s ({4 * self.heartbeat_s}), got {self.liveness_timeout_s}")
-        check(1 <= self.shutdown_timeout_s <= 600, "shutdown_timeout_s",
-              f"must be within 1..600, got {self.shutdown_timeout_s}")
+        check_range(self.shutdown_timeout_s, "shutdown_timeout_s", 1, 600)
 
 
 def config_message(revision: int, settings: RuntimeSettings) -> Message:

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.config_loader import ConfigError, build, check, check_choice, to_dict
+from runtime.config_loader import ConfigError, build, check_choice, check_range, to_dict
 
 STYLES = ("auto", "neon", "ink", "pop", "noir", "aurora")
 """``auto`` lets the detected emotion choose; the others pin one look."""
@@ -39,13 +39,12 @@ class RuntimeSettings:
 
     def __post_init__(self) -> None:
         check_choice(self.style, "style", STYLES)
-        check(0.0 <= self.strength <= 1.0, "strength", f"must be within 0..1, got {self.strength}")
-        check(1.0 <= self.target_fps <= 60.0, "target_fps", f"must be within 1..60, got {self.target_fps}")
-        check(64 <= self.output_size <= 1024, "output_size", f"must be within 64..1024, got {self.output_size}")
-        check(0.0 <= self.smoothing <= 0.95, "smoothing", f"must be within 0..0.95, got {self.smoothing}")
-        check(160 <= self.capture_width <= 1920, "capture_width",
-              f"must be within 160..1920, got {self.capture_width}")
-        check(30 <= self.jpeg_quality <= 95, "jpeg_quality", f"must be within 30..95, got {self.jpeg_quality}")
+        check_range(self.strength, "strength", 0.0, 1.0)
+        check_range(self.target_fps, "target_fps", 1.0, 60.0)
+        check_range(self.output_size, "output_size", 64, 1024)
+        check_range(self.smoothing, "smoothing", 0.0, 0.95)
+        check_range(self.capture_width, "capture_width", 160, 1920)
+        check_range(self.jpeg_quality, "jpeg_quality", 30, 95)
 
 
 class LiveConfig:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from runtime.config_loader import ConfigError, check, check_choice
+from runtime.config_loader import ConfigError, check, check_choice, check_range
 
 NAME_PATTERN = re.compile(r"[a-z0-9_-]+")
 """Stage and pipeline names; excludes '#' and '>' so link names like 'vision#0->generator#1' parse."""
@@ -84,10 +84,8 @@ class StageSpec:
         check_choice(self.placement, "placement", PLACEMENTS)
         check_choice(self.device, "device", DEVICES)
         check_choice(self.routing, "routing", ROUTINGS)
-        check(1 <= self.max_batch <= MAX_BATCH_LIMIT, "max_batch",
-              f"must be within 1..{MAX_BATCH_LIMIT}, got {self.max_batch}")
-        check(0.0 <= self.batch_wait_ms <= MAX_BATCH_WAIT_MS, "batch_wait_ms",
-              f"must be within 0..{MAX_BATCH_WAIT_MS:g}, got {self.batch_wait_ms}")
+        check_range(self.max_batch, "max_batch", 1, MAX_BATCH_LIMIT)
+        check_range(self.batch_wait_ms, "batch_wait_ms", 0.0, MAX_BATCH_WAIT_MS)
         if self.nodes is not None:
             check(len(self.nodes) > 0, "nodes", "must list at least one node index, or be null for any node")
             for i, node in enumerate(self.nodes):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from comms.message import Kind, Message
-from runtime.config_loader import check
+from runtime.config_loader import check_range
 from stages.base import Stage
 
 
@@ -31,8 +31,7 @@ class DisplayConfig:
 
     def __post_init__(self) -> None:
         if self.quality_override is not None:
-            check(30 <= self.quality_override <= 95, "quality_override",
-                  f"must be within 30..95 or null, got {self.quality_override}")
+            check_range(self.quality_override, "quality_override", 30, 95)
 
 
 class DisplayStage(Stage):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from comms.message import Kind, Message
-from runtime.config_loader import check
+from runtime.config_loader import check, check_range
 from stages.base import Stage
 
 # SOF markers that carry the frame size: baseline, extended, progressive, lossless and
@@ -37,7 +37,7 @@ class IngestConfig:
     """Payloads larger than this are refused undecoded."""
 
     def __post_init__(self) -> None:
-        check(16 <= self.max_width <= 8192, "max_width", f"must be within 16..8192, got {self.max_width}")
+        check_range(self.max_width, "max_width", 16, 8192)
         check(self.max_pixels >= 256, "max_pixels", f"must be >= 256, got {self.max_pixels}")
         check(self.max_bytes >= 1024, "max_bytes", f"must be >= 1024, got {self.max_bytes}")
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from comms.message import Kind, Message
-from runtime.config_loader import check
+from runtime.config_loader import check, check_range
 from stages.base import RuntimeView, Stage
 from stages.generator import lowfi
 from stages.prompt import StylePrompt, style_prompt
@@ -54,16 +54,13 @@ class GeneratorConfig:
     """torch intra-op threads when the device is the CPU; 0 leaves the process setting."""
 
     def __post_init__(self) -> None:
-        check(0.0 <= self.face_margin <= 3.0, "face_margin", f"must be within 0..3, got {self.face_margin}")
-        check(-1.0 <= self.face_drop <= 1.0, "face_drop", f"must be within -1..1, got {self.face_drop}")
-        check(0.0 <= self.min_face_quality <= 1.0, "min_face_quality",
-              f"must be within 0..1, got {self.min_face_quality}")
-        check(0.0 <= self.fallback_confidence <= 1.0, "fallback_confidence",
-              f"must be within 0..1, got {self.fallback_confidence}")
-        check(0.0 <= self.face_hold_s <= 10.0, "face_hold_s", f"must be within 0..10, got {self.face_hold_s}")
-        check(0.0 <= self.box_smoothing <= 0.95, "box_smoothing",
-              f"must be within 0..0.95, got {self.box_smoothing}")
-        check(0.0 <= self.animation_hz <= 10.0, "animation_hz", f"must be within 0..10, got {self.animation_hz}")
+        check_range(self.face_margin, "face_margin", 0.0, 3.0)
+        check_range(self.face_drop, "face_drop", -1.0, 1.0)
+        check_range(self.min_face_quality, "min_face_quality", 0.0, 1.0)
+        check_range(self.fallback_confidence, "fallback_confidence", 0.0, 1.0)
+        check_range(self.face_hold_s, "face_hold_s", 0.0, 10.0)
+        check_range(self.box_smoothing, "box_smoothing", 0.0, 0.95)
+        check_range(self.animation_hz, "animation_hz", 0.0, 10.0)
         check(self.max_sessions_state >= 1, "max_sessions_state",
               f"must be >= 1, got {self.max_sessions_state}")
         check(self.session_idle_s > 0.0, "session_idle_s", f"must be > 0, got {self.session_idle_s}")

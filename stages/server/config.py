@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.config_loader import check
+from runtime.config_loader import check, check_range
 
 MiB = 1 << 20
 
@@ -54,26 +54,19 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.host), "host", "must not be empty")
-        check(0 <= self.port <= 65535, "port", f"must be within 0..65535, got {self.port}")
-        check(64 * 1024 <= self.max_message_bytes <= 256 * MiB, "max_message_bytes",
-              f"must be within 65536..{256 * MiB}, got {self.max_message_bytes}")
-        check(1 <= self.max_queue <= 1024, "max_queue", f"must be within 1..1024, got {self.max_queue}")
-        check(1 <= self.max_sessions <= 1024, "max_sessions",
-              f"must be within 1..1024, got {self.max_sessions}")
-        check(16 <= self.max_frame_width <= 16384, "max_frame_width",
-              f"must be within 16..16384, got {self.max_frame_width}")
-        check(16 <= self.max_frame_height <= 16384, "max_frame_height",
-              f"must be within 16..16384, got {self.max_frame_height}")
+        check_range(self.port, "port", 0, 65535)
+        check_range(self.max_message_bytes, "max_message_bytes", 64 * 1024, 256 * MiB)
+        check_range(self.max_queue, "max_queue", 1, 1024)
+        check_range(self.max_sessions, "max_sessions", 1, 1024)
+        check_range(self.max_frame_width, "max_frame_width", 16, 16384)
+        check_range(self.max_frame_height, "max_frame_height", 16, 16384)
         check(256 <= self.max_frame_pixels <= self.max_frame_width * self.max_frame_height,
               "max_frame_pixels",
               f"must be within 256..max_frame_width*max_frame_height "
               f"({self.max_frame_width * self.max_frame_height}), got {self.max_frame_pixels}")
-        check(0.05 <= self.stats_interval_s <= 1.0, "stats_interval_s",
-              f"must be within 0.05..1, got {self.stats_interval_s}")
-        check(1 <= self.session_out_queue <= 256, "session_out_queue",
-              f"must be within 1..256, got {self.session_out_queue}")
-        check(1 <= self.session_error_queue <= 1024, "session_error_queue",
-              f"must be within 1..1024, got {self.session_error_queue}")
+        check_range(self.stats_interval_s, "stats_interval_s", 0.05, 1.0)
+        check_range(self.session_out_queue, "session_out_queue", 1, 256)
+        check_range(self.session_error_queue, "session_error_queue", 1, 1024)
         for name in ("ping_interval_s", "ping_timeout_s"):
             value = getattr(self, name)
             check(value is None or value > 0, name, f"must be > 0 or null, got {value}")

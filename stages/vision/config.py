@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.config_loader import check
+from runtime.config_loader import check, check_range
 from stages.vision.emotion_model import DEFAULT_WEIGHTS
 
 
@@ -50,29 +50,22 @@ class VisionConfig:
     """Laplacian variance of the 64x64 crop at which sharpness scores 0.5 (> 0)."""
 
     def __post_init__(self) -> None:
-        check(80 <= self.detect_width <= 1920, "detect_width", f"must be within 80..1920, got {self.detect_width}")
-        check(1 <= self.detect_every <= 30, "detect_every", f"must be within 1..30, got {self.detect_every}")
-        check(8 <= self.min_face_px <= 4096, "min_face_px", f"must be within 8..4096, got {self.min_face_px}")
-        check(1.01 <= self.scale_factor <= 2.0, "scale_factor",
-              f"must be within 1.01..2.0, got {self.scale_factor}")
-        check(0 <= self.min_neighbors <= 50, "min_neighbors", f"must be within 0..50, got {self.min_neighbors}")
-        check(1 <= self.max_faces <= 32, "max_faces", f"must be within 1..32, got {self.max_faces}")
-        check(0.05 <= self.iou_match <= 0.95, "iou_match", f"must be within 0.05..0.95, got {self.iou_match}")
-        check(0 <= self.max_misses <= 30, "max_misses", f"must be within 0..30, got {self.max_misses}")
-        check(0.0 <= self.box_smoothing <= 0.95, "box_smoothing",
-              f"must be within 0..0.95, got {self.box_smoothing}")
-        check(1.0 <= self.session_idle_s <= 3600.0, "session_idle_s",
-              f"must be within 1..3600, got {self.session_idle_s}")
-        check(1 <= self.max_sessions <= 100_000, "max_sessions",
-              f"must be within 1..100000, got {self.max_sessions}")
+        check_range(self.detect_width, "detect_width", 80, 1920)
+        check_range(self.detect_every, "detect_every", 1, 30)
+        check_range(self.min_face_px, "min_face_px", 8, 4096)
+        check_range(self.scale_factor, "scale_factor", 1.01, 2.0)
+        check_range(self.min_neighbors, "min_neighbors", 0, 50)
+        check_range(self.max_faces, "max_faces", 1, 32)
+        check_range(self.iou_match, "iou_match", 0.05, 0.95)
+        check_range(self.max_misses, "max_misses", 0, 30)
+        check_range(self.box_smoothing, "box_smoothing", 0.0, 0.95)
+        check_range(self.session_idle_s, "session_idle_s", 1.0, 3600.0)
+        check_range(self.max_sessions, "max_sessions", 1, 100_000)
         check(self.emotion_weights is None or bool(self.emotion_weights.strip()), "emotion_weights",
               "must be a file path or null (the shipped weights), got an empty string")
-        check(1 <= self.emotion_batch_max <= 1024, "emotion_batch_max",
-              f"must be within 1..1024, got {self.emotion_batch_max}")
-        check(0.0 <= self.emotion_margin <= 0.5, "emotion_margin",
-              f"must be within 0..0.5, got {self.emotion_margin}")
-        check(8 <= self.quality_full_px <= 4096, "quality_full_px",
-              f"must be within 8..4096, got {self.quality_full_px}")
+        check_range(self.emotion_batch_max, "emotion_batch_max", 1, 1024)
+        check_range(self.emotion_margin, "emotion_margin", 0.0, 0.5)
+        check_range(self.quality_full_px, "quality_full_px", 8, 4096)
         check(self.sharpness_ref > 0.0, "sharpness_ref", f"must be > 0, got {self.sharpness_ref}")
 
     @property
