@@ -115,31 +115,31 @@ class _StatsCollector:
 
     def collect(self):
         s = self._stats()
-        yield GaugeMetricFamily("mirror_output_fps", "Output frames per second, all sessions", value=s["fps"])
-        yield CounterMetricFamily("mirror_frames_delivered", "Frames delivered to browsers", value=s["delivered"])
-        drops = CounterMetricFamily("mirror_frames_dropped", "Frames dropped, by reason", labels=["reason"])
+        yield GaugeMetricFamily("mindmirror_output_fps", "Output frames per second, all sessions", value=s["fps"])
+        yield CounterMetricFamily("mindmirror_frames_delivered", "Frames delivered to browsers", value=s["delivered"])
+        drops = CounterMetricFamily("mindmirror_frames_dropped", "Frames dropped, by reason", labels=["reason"])
         for reason, n in s["drops"].items():
             drops.add_metric([reason], n)
         yield drops
-        yield GaugeMetricFamily("mirror_config_revision", "Live config revision", value=s["revision"])
-        up = GaugeMetricFamily("mirror_rank_up", "1 while a rank is alive", labels=["rank", "role"])
+        yield GaugeMetricFamily("mindmirror_config_revision", "Live config revision", value=s["revision"])
+        up = GaugeMetricFamily("mindmirror_rank_up", "1 while a rank is alive", labels=["rank", "role"])
         for r in s["ranks"]:
             up.add_metric([str(r["rank"]), r["role"]], 1.0 if r["alive"] else 0.0)
         yield up
-        latency = GaugeMetricFamily("mirror_server_latency_ms", "Server receive to send, ms", labels=["quantile"])
+        latency = GaugeMetricFamily("mindmirror_server_latency_ms", "Server receive to send, ms", labels=["quantile"])
         for q, v in _quantiles(s["server_latency_ms"]):
             latency.add_metric([q], v)
         yield latency
-        compute = GaugeMetricFamily("mirror_stage_compute_ms", "Stage compute per frame, ms", labels=["stage", "quantile"])
-        frames = CounterMetricFamily("mirror_stage_frames", "Frames processed per stage", labels=["stage"])
+        compute = GaugeMetricFamily("mindmirror_stage_compute_ms", "Stage compute per frame, ms", labels=["stage", "quantile"])
+        frames = CounterMetricFamily("mindmirror_stage_frames", "Frames processed per stage", labels=["stage"])
         for name, st in s["stages"].items():
             frames.add_metric([name], st.get("frames_in", 0))
             for q, v in _quantiles(st.get("compute_ms", {})):
                 compute.add_metric([name, q], v)
         yield compute
         yield frames
-        hop = GaugeMetricFamily("mirror_link_hop_ms", "Link send-to-receive latency, ms", labels=["link", "quantile"])
-        sent = CounterMetricFamily("mirror_link_bytes_sent", "Payload bytes sent per link", labels=["link"])
+        hop = GaugeMetricFamily("mindmirror_link_hop_ms", "Link send-to-receive latency, ms", labels=["link", "quantile"])
+        sent = CounterMetricFamily("mindmirror_link_bytes_sent", "Payload bytes sent per link", labels=["link"])
         for name, link in s["hops"].items():
             sent.add_metric([name], link.get("bytes_sent", 0))
             for q, v in _quantiles(link.get("hop_ms", {})):

@@ -33,11 +33,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
+def _worker(rank: int, world_size: int, port: int, backend: str, inbox, outbox) -> None:
+    import torch
     import torch.distributed as dist
 
     logging.basicConfig(level=os.environ.get("MM_TEST_LOG", "WARNING"))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    if "nccl" in backend:
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=60))
     outbox.put((rank, "ready", None))
     while True:
@@ -56,7 +59,7 @@ def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
 class GlooWorld:
     """``world_size`` spawned ranks with a gloo default group on localhost."""
 
-    def __init__(self, world_size: int, start_timeout: float = 60.0) -> None:
+    def __init__(self, world_size: int, start_timeout: float = 60.0, backend: str = "gloo") -> None:
         if world_size < 2:
             raise ValueError(f"world_size must be >= 2, got {world_size}")
         self.world_size = world_size
@@ -65,7 +68,7 @@ class GlooWorld:
         port = free_port()
         self._outbox = ctx.Queue()
         self._inboxes = [ctx.Queue() for _ in range(world_size)]
-        self._procs = [ctx.Process(target=_worker, args=(r, world_size, port, self._inboxes[r], self._outbox),
+        self._procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, self._inboxes[r], self._outbox),
                                    daemon=True, name=f"gloo-rank-{r}") for r in range(world_size)]
         for p in self._procs:
             p.start()

@@ -76,7 +76,7 @@ def test_three_ranks_default_pipeline(launch):
     health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5))
     assert health["ok"] and [r["device"] for r in health["ranks"]] == ["cpu"] * 3
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    assert 'mirror_stage_compute_ms{quantile="0.50",stage="vision#0"}' in metrics
+    assert 'mindmirror_stage_compute_ms{quantile="0.50",stage="vision#0"}' in metrics
     stop_cleanly(ranks)
 
 

@@ -115,4 +115,4 @@ def test_health_and_metrics_endpoints(runtime):
     health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5))
     assert health["ok"] and health["ranks"][0]["role"] == "server+ingest+vision+generator+display"
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    assert "mirror_output_fps" in metrics and 'mirror_rank_up{rank="0"' in metrics
+    assert "mindmirror_output_fps " in metrics and 'mindmirror_rank_up{rank="0"' in metrics
