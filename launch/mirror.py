@@ -18,7 +18,7 @@ from runtime.config import load_config
 from runtime.config_loader import ConfigError
 from runtime.dist import cuda_devices, destroy_distributed, init_distributed, launch_from_env
 from runtime.log import init_logger
-from runtime.planner import format_plan, plan
+from runtime.planner import PlanError, format_plan, plan
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(format_plan(the_plan, config.transport.backend) + "\n")
             return 0
         the_plan = plan(config.pipeline, where.world_size, where.nnodes, cuda_devices())
+    except PlanError as e:
+        log.error("cannot place the pipeline: %s", e.in_config())
+        return 2
     except ConfigError as e:
         log.error("%s", e)
         return 2

@@ -32,6 +32,13 @@ class PlanError(ConfigError):
     """The pipeline cannot be laid out on this world; the path names the field to change
     (relative to the pipeline section) and the message says what would fit."""
 
+    LAUNCH_FIELDS = ("world_size", "nnodes", "gpus_per_node")
+    """Paths that name a launch parameter rather than a field of the pipeline section."""
+
+    def in_config(self) -> ConfigError:
+        """The same error with its full path from the config file's root."""
+        return self if self.path in self.LAUNCH_FIELDS else self.under("pipeline")
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StagePlacement:
