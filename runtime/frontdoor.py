@@ -38,6 +38,8 @@ class FrontDoor:
         self._broadcast = broadcast
         self._health = health
         self._config_lock = threading.Lock()
+        self.session_closed: Callable[[str], None] = lambda session: None
+        """Called when a browser leaves, so per-session state downstream is released."""
 
     # -- sessions and frames ---------------------------------------------------------
 
@@ -47,6 +49,7 @@ class FrontDoor:
     def close_session(self, session: str) -> None:
         self.inbox.drop_session(session)
         self.aggregator.forget_session(session)
+        self.session_closed(session)
         log.info("session %s left", session)
 
     def submit_frame(self, session: str, frame_id: int, client_ts: float, jpeg: bytes,

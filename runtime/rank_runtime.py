@@ -113,6 +113,7 @@ class RankRuntime:
                                health=self.health)
         self.server = WebServer(self.config.server, self.front)
         self.sink = OutputSink(self.server, self.aggregator)
+        self.front.session_closed = self.sink.forget
 
     def _build_runners(self) -> None:
         stages = self.config.pipeline.stages
@@ -122,10 +123,10 @@ class RankRuntime:
             name = f"{spec.name}#{placement.replica}"
             is_first, is_last = index[spec.name] == 0, index[spec.name] == len(stages) - 1
             inputs = [self.inbox] if is_first else [
-                self._channel(l.name) for l in self.plan.links
+                self.channels[l.name] for l in self.plan.links
                 if l.dst_stage == spec.name and l.dst_replica == placement.replica]
             outputs = [self.sink] if is_last else [
-                self._channel(l.name) for l in self.plan.links
+                self.channels[l.name] for l in self.plan.links
                 if l.src_stage == spec.name and l.src_replica == placement.replica]
             context = StageContext(rank=self.rank, role=self.me.role, replica=placement.replica,
                                    device=torch.device(placement.device),
@@ -139,10 +140,6 @@ class RankRuntime:
                 max_batch=spec.max_batch, batch_wait_ms=spec.batch_wait_ms, live=self.live,
                 metrics=self.metrics[name], stop=self.stopping,
                 publish_event=self._publish_event, on_failure=self.fail))
-
-    def _channel(self, name: str) -> Channel:
-        # A local link's channel object is shared by both of its ends on this rank.
-        return self.channels[name]
 
     def _start_control(self) -> None:
         if not self.distributed:

@@ -77,7 +77,23 @@ def test_three_ranks_default_pipeline(launch):
     assert health["ok"] and [r["device"] for r in health["ranks"]] == ["cpu"] * 3
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'mindmirror_stage_compute_ms{quantile="0.50",stage="vision#0"}' in metrics
+    assert_config_change_reaches_the_generator_rank(port)
     stop_cleanly(ranks)
+
+
+def assert_config_change_reaches_the_generator_rank(port):
+    """The generator (rank 2) stamps the revision it used; rank 0 shows it per frame."""
+    async def scenario():
+        async with MirrorClient(port) as client:
+            await client.send_text("preset.apply", {"name": "comic"})
+            assert await client.wait_for(lambda g: any(c["revision"] == 2 for c in g.of_type("config.current")))
+            await client.stream(8, fps=10, first_id=100)
+            assert await client.wait_for(lambda g: g.outputs and g.outputs[-1].frame_id == 107, 20)
+            return client.got
+
+    got = asyncio.run(scenario())
+    revisions = {v["frame_id"]: v["revision"] for v in got.of_type("vision")}
+    assert revisions[107] == 2, revisions
 
 
 def test_two_ranks_with_vision_and_generator_sharing_a_rank(launch, tmp_path):
