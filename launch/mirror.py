@@ -47,10 +47,11 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(format_plan(the_plan, config.transport.backend) + "\n")
             return 0
         the_plan = plan(config.pipeline, where.world_size, where.nnodes, cuda_devices())
+        where.check_matches(the_plan.ranks[where.rank].node, the_plan.ranks[where.rank].local_rank)
     except PlanError as e:
         log.error("cannot place the pipeline: %s", e.in_config())
         return 2
-    except ConfigError as e:
+    except (ConfigError, RuntimeError) as e:
         log.error("%s", e)
         return 2
 

@@ -21,21 +21,32 @@ class Launch:
     rank: int
     world_size: int
     local_world_size: int
+    local_rank: int
+    node: int
 
     @property
     def nnodes(self) -> int:
         # torchrun gives every node the same --nproc-per-node, so this divides exactly.
         return max(1, self.world_size // max(1, self.local_world_size))
 
-    @property
-    def under_torchrun(self) -> bool:
-        return "TORCHELASTIC_RUN_ID" in os.environ or "MASTER_ADDR" in os.environ
+
+    def check_matches(self, node: int, local_rank: int) -> None:
+        """The plan assumes torchrun's node-major rank order; refuse to run (and pick the
+        wrong GPU) if this process was placed differently."""
+        if (node, local_rank) != (self.node, self.local_rank):
+            raise RuntimeError(
+                f"rank {self.rank} is local rank {self.local_rank} on node {self.node}, but the plan "
+                f"expects local rank {local_rank} on node {node}: launch with torchrun and the same "
+                f"--nproc-per-node on every node")
 
 
 def launch_from_env() -> Launch:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    return Launch(rank=int(os.environ.get("RANK", "0")), world_size=world,
-                  local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+    rank = int(os.environ.get("RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return Launch(rank=rank, world_size=world, local_world_size=local_world,
+                  local_rank=int(os.environ.get("LOCAL_RANK", str(rank % local_world))),
+                  node=int(os.environ.get("GROUP_RANK", str(rank // local_world))))
 
 
 def init_distributed(backend: str, timeout_s: float) -> None:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.integration.processes import LAUNCHER, REPO, URL
+from tests.integration.processes import LAUNCHER, REPO, URL, free_port
 from tests.integration.test_distributed import stream_and_collect
 from tests.integration.test_single_process import check_stream
 
@@ -50,3 +50,38 @@ def test_torchrun_three_ranks_serve_a_session_and_stop_on_sigterm(tmp_path):
             proc.wait(10)
     leftovers = subprocess.run(["pgrep", "-f", f"{LAUNCHER} --port 0"], capture_output=True, text=True).stdout
     assert not leftovers.strip(), f"orphan rank processes: {leftovers}"
+
+
+def test_torchrun_two_nodes_with_c10d_rendezvous(tmp_path):
+    """Two torchrun agents (two "nodes" on loopback) meet through c10d; rank 0's node serves."""
+    port = free_port()
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]
+    procs = []
+    for log_path in logs:
+        with open(log_path, "wb") as log:
+            procs.append(subprocess.Popen(
+                [*torchrun_command(), "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+                 "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"mm-{port}", str(LAUNCHER), "--port", "0"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                start_new_session=True))
+    try:
+        deadline = time.monotonic() + 120
+        while not (match := next(filter(None, (URL.search(p.read_text(errors="replace")) for p in logs)), None)):
+            assert all(p.poll() is None for p in procs), "\n".join(p.read_text() for p in logs)
+            assert time.monotonic() < deadline, "\n".join(p.read_text() for p in logs)
+            time.sleep(0.2)
+        (got,) = stream_and_collect(int(match.group(2)), frames=12)
+        check_stream(got, 11)
+        ranks = got.of_type("stats")[-1]["ranks"]
+        assert [r["role"] for r in ranks] == ["server+ingest+display", "vision", "generator", "generator"]
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(30)
+        text = "".join(p.read_text(errors="replace") for p in logs)
+        assert text.count("INFO runtime.rank_runtime: stopped") == 4, text[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
