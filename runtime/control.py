@@ -15,6 +15,7 @@ others to stop, and the job ends with a failure instead of hanging.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -75,6 +76,8 @@ class ControlHub:
         self._threads = [threading.Thread(target=self._listen, args=(r,), name=f"status-{r}", daemon=True)
                          for r in status]
         self._threads.append(threading.Thread(target=self._watch, name="liveness", daemon=True))
+        self._outbox: queue.Queue[Message | threading.Event] = queue.Queue()
+        self._threads.append(threading.Thread(target=self._send_loop, name="control-out", daemon=True))
         if not status:
             self.all_reported.set()
 
@@ -96,15 +99,32 @@ class ControlHub:
         with self._lock:
             return [r for r, seen in self.last_seen.items() if seen is None]
 
-    def broadcast(self, msg: Message, timeout: float = 2.0) -> None:
-        """Send one control message to every rank; a rank that cannot take it is failed."""
-        for rank, channel in self.ctl.items():
-            if not self.alive.get(rank, False):
+    def broadcast(self, msg: Message) -> None:
+        """Queue one control message for every rank; they go out in order on the hub's
+        sender thread. Never blocks: the web server's event loop calls this on a config
+        change, and a stalled rank must not freeze every browser session."""
+        self._outbox.put(msg)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every queued control message went out (before closing the links)."""
+        done = threading.Event()
+        self._outbox.put(done)
+        return done.wait(timeout)
+
+    def _send_loop(self) -> None:
+        while True:
+            item = self._outbox.get()
+            if isinstance(item, threading.Event):
+                item.set()
                 continue
-            try:
-                channel.send(Message(kind=msg.kind, revision=msg.revision, meta=dict(msg.meta)), timeout=timeout)
-            except TransportError as e:
-                self._mark_dead(rank, f"{self.describe(rank)} did not accept a control message: {e}")
+            for rank, channel in self.ctl.items():
+                if not self.alive.get(rank, False):
+                    continue
+                try:
+                    channel.send(Message(kind=item.kind, revision=item.revision, meta=dict(item.meta)),
+                                 timeout=self.config.liveness_timeout_s)
+                except TransportError as e:
+                    self._mark_dead(rank, f"{self.describe(rank)} did not accept a control message: {e}")
 
     def _listen(self, rank: int) -> None:
         channel = self.status[rank]

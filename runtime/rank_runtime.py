@@ -240,6 +240,8 @@ class RankRuntime:
         deadline = time.monotonic() + self.shutdown_budget()
         if self.server is not None:
             self.server.stop()
+        if self.hub is not None and not self.hub.flush(max(0.1, deadline - time.monotonic())):
+            log.warning("the stop message did not reach every rank in time")
         if self.rank == 0:
             self.inbox.close()
         for runner in self.runners:
