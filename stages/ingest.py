@@ -19,11 +19,10 @@ import torch
 from comms.message import Kind, Message
 from runtime.config_loader import check, check_range
 from stages.base import Stage
+from stages.jpeg_header import jpeg_size
 
 # SOF markers that carry the frame size: baseline, extended, progressive, lossless and
 # their arithmetic-coded variants (0xC4 DHT, 0xC8 JPG and 0xCC DAC are not frames).
-_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-_STANDALONE_MARKERS = frozenset(range(0xD0, 0xD8)) | {0x01}
 _REDUCED_FLAGS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
 
 
@@ -40,37 +39,6 @@ class IngestConfig:
         check_range(self.max_width, "max_width", 16, 8192)
         check(self.max_pixels >= 256, "max_pixels", f"must be >= 256, got {self.max_pixels}")
         check(self.max_bytes >= 1024, "max_bytes", f"must be >= 1024, got {self.max_bytes}")
-
-
-def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's frame header, or None if it has none before the scan."""
-    n = len(data)
-    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
-        return None
-    i = 2
-    while i + 3 < n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            i += 1
-            continue
-        if marker in _STANDALONE_MARKERS:
-            i += 2
-            continue
-        length = (data[i + 2] << 8) | data[i + 3]
-        if length < 2:
-            return None
-        if marker in _SOF_MARKERS:
-            if i + 9 > n:
-                return None
-            height = (data[i + 5] << 8) | data[i + 6]
-            width = (data[i + 7] << 8) | data[i + 8]
-            return (width, height) if width and height else None
-        if marker == 0xDA:  # start of scan: no frame header came first
-            return None
-        i += 2 + length
-    return None
 
 
 class IngestStage(Stage):
@@ -116,10 +84,10 @@ class IngestStage(Stage):
             return self._reject(msg, "frame_too_large",
                                 f"frame of {payload.numel()} bytes exceeds {self.config.max_bytes}")
         data = payload.detach().cpu().numpy()
-        size = jpeg_size(memoryview(data))
-        if size is None:
-            return self._reject(msg, "bad_jpeg", "frame is not a JPEG image")
-        width, height = size
+        try:
+            width, height = jpeg_size(memoryview(data))
+        except ValueError as e:
+            return self._reject(msg, "bad_jpeg", f"frame is not a JPEG image: {e}")
         if width * height > self.config.max_pixels:
             return self._reject(msg, "frame_too_large",
                                 f"frame of {width}x{height} exceeds {self.config.max_pixels} pixels")

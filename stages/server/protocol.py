@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any
 
+from stages.jpeg_header import jpeg_size
+
 MAGIC = b"MMF1"
 HEADER = struct.Struct("<4sB3sId")
 """magic, kind, reserved, frame id, client timestamp; '<' so there is no padding."""
@@ -119,55 +121,20 @@ def decode_camera_frame(data: bytes | bytearray | memoryview) -> BinaryFrame:
 
 # --- JPEG probe -------------------------------------------------------------------------
 
-# Start-of-frame markers carry the image size. C4 (DHT), C8 (JPG) and CC (DAC) share the
-# range but are not frames.
-_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-# Markers without a length field: TEM, RST0..7, SOI.
-_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8), 0xD8})
-
 
 def probe_jpeg(data: bytes | bytearray | memoryview, *, max_width: int, max_height: int,
                max_pixels: int) -> tuple[int, int]:
-    """``(width, height)`` from the SOF marker of a JPEG, without decoding a pixel.
+    """``(width, height)`` of a camera frame from its JPEG header, within the limits.
 
-    Walks the marker segments after SOI up to the first SOF. This is cheap enough to run
-    on the event loop for every frame, and it stops a decompression bomb (a tiny file
-    declaring 60000x60000) before any decoder allocates for it.
+    It stops a decompression bomb (a tiny file declaring 60000x60000) before any
+    decoder allocates for it.
     """
-    n = len(data)
-    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
-        raise ProtocolError(ErrorCode.BAD_JPEG, "payload is not a JPEG (no SOI marker)")
-    i = 2
-    while True:
-        if i >= n:
-            raise ProtocolError(ErrorCode.BAD_JPEG, "JPEG ends before its frame header (SOF)")
-        if data[i] != 0xFF:
-            raise ProtocolError(ErrorCode.BAD_JPEG, f"expected a JPEG marker at byte {i}")
-        while i < n and data[i] == 0xFF:  # any number of fill bytes may precede a marker
-            i += 1
-        if i >= n:
-            raise ProtocolError(ErrorCode.BAD_JPEG, "JPEG ends inside a marker")
-        marker = data[i]
-        i += 1
-        if marker in _STANDALONE:
-            continue
-        if marker == 0x00 or marker in (0xD9, 0xDA):
-            raise ProtocolError(ErrorCode.BAD_JPEG,
-                                f"JPEG marker 0x{marker:02X} before its frame header (SOF)")
-        if i + 2 > n:
-            raise ProtocolError(ErrorCode.BAD_JPEG, "JPEG ends inside a segment length")
-        length = (data[i] << 8) | data[i + 1]
-        if length < 2:
-            raise ProtocolError(ErrorCode.BAD_JPEG, f"JPEG segment 0x{marker:02X} has length {length}")
-        if marker in _SOF_MARKERS:
-            # length(2) precision(1) height(2) width(2), all big-endian
-            if length < 8 or i + 7 > n:
-                raise ProtocolError(ErrorCode.BAD_JPEG, "JPEG frame header (SOF) is truncated")
-            height = (data[i + 3] << 8) | data[i + 4]
-            width = (data[i + 5] << 8) | data[i + 6]
-            _check_size(width, height, max_width, max_height, max_pixels)
-            return width, height
-        i += length
+    try:
+        width, height = jpeg_size(data)
+    except ValueError as e:
+        raise ProtocolError(ErrorCode.BAD_JPEG, str(e)) from None
+    _check_size(width, height, max_width, max_height, max_pixels)
+    return width, height
 
 
 def _check_size(width: int, height: int, max_width: int, max_height: int, max_pixels: int) -> None:

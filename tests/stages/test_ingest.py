@@ -14,7 +14,8 @@ from comms.message import Kind, Message
 from runtime.config_loader import ConfigError
 from runtime.live_config import RuntimeSettings
 from stages.base import RuntimeView, StageContext
-from stages.ingest import IngestConfig, IngestStage, jpeg_size
+from stages.ingest import IngestConfig, IngestStage
+from stages.jpeg_header import jpeg_size
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "astronaut_640x480.jpg"
 
@@ -106,8 +107,10 @@ def test_non_byte_payload_is_reported():
 
 def test_jpeg_size_reads_the_frame_header():
     assert jpeg_size(FIXTURE.read_bytes()) == (640, 480)
-    assert jpeg_size(b"\xff\xd8\xff") is None
-    assert jpeg_size(b"not a jpeg") is None
+    with pytest.raises(ValueError, match="JPEG ends inside a marker"):
+        jpeg_size(b"\xff\xd8\xff\xff")
+    with pytest.raises(ValueError, match="no SOI marker"):
+        jpeg_size(b"not a jpeg")
 
 
 def test_config_is_validated():
