@@ -1,18 +1,13 @@
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-# Helpers beside the tests are imported by name; the folder has no __init__.py because a
-# `tests.stages` package would shadow the real `stages` package.
-sys.path.insert(0, str(Path(__file__).parent))
+# Helpers beside the tests are imported by name: this folder has no __init__.py, so
+# pytest puts it on sys.path itself.
+from echo_hooks import EchoHooks
 
-from echo_hooks import EchoHooks  # noqa: E402
-
-from stages.server.config import ServerConfig  # noqa: E402
-from stages.server.ws_server import WebServer  # noqa: E402
+from stages.server.config import ServerConfig
+from stages.server.ws_server import WebServer
 
 
 @pytest.fixture
