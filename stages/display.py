@@ -65,7 +65,7 @@ class DisplayStage(Stage):
             if jpeg is None:
                 continue
             meta = dict(msg.meta)
-            meta["vision"] = {"frame_id": msg.frame_id, "faces": msg.meta.get("faces", [])}
+            meta["vision"] = {"frame_id": msg.frame_id, "faces": faces_in_input_pixels(msg.meta)}
             out = msg.derive(Kind.OUTPUT_JPEG, tensors=[torch.from_numpy(jpeg)], meta=meta)
             outputs.append(out.stamp("display.start", started).stamp("display.end"))
         return outputs
@@ -90,3 +90,20 @@ class DisplayStage(Stage):
                                            client_ts=msg.client_ts,
                                            meta={"code": "encode_failed", "message": message}))
         return None
+
+
+def faces_in_input_pixels(meta: dict) -> list[dict]:
+    """The faces with boxes in the pixels of the frame the browser sent.
+
+    Vision sees the frame ingest decoded; when ingest shrank a wide frame
+    (``scaled_from`` = the sent size) the boxes are scaled back, because the page
+    draws them over the frame it captured.
+    """
+    faces = meta.get("faces", [])
+    sent = meta.get("scaled_from")
+    if not sent or not faces:
+        return faces
+    sx, sy = sent[0] / meta["width"], sent[1] / meta["height"]
+    return [dict(face, bbox=[round(face["bbox"][0] * sx), round(face["bbox"][1] * sy),
+                             round(face["bbox"][2] * sx), round(face["bbox"][3] * sy)]) for face in faces]
+

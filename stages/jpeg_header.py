@@ -12,6 +12,12 @@ from __future__ import annotations
 SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # Markers without a length field: TEM, RST0..7, SOI.
 STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8), 0xD8})
+MAX_SEGMENTS = 64
+"""Camera and canvas JPEGs reach their frame header within ~10 segments (EXIF and ICC
+included). The bound keeps a crafted file of a million empty segments from holding the
+web server's event loop for hundreds of milliseconds."""
+MAX_FILL = 32
+"""Fill bytes allowed before one marker (the standard allows any number; encoders use few)."""
 
 
 def jpeg_size(data: bytes | bytearray | memoryview) -> tuple[int, int]:
@@ -24,13 +30,16 @@ def jpeg_size(data: bytes | bytearray | memoryview) -> tuple[int, int]:
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
         raise ValueError("payload is not a JPEG (no SOI marker)")
     i = 2
-    while True:
+    for _ in range(MAX_SEGMENTS):
         if i >= n:
             raise ValueError("JPEG ends before its frame header (SOF)")
         if data[i] != 0xFF:
             raise ValueError(f"expected a JPEG marker at byte {i}")
-        while i < n and data[i] == 0xFF:  # any number of fill bytes may precede a marker
+        fill_start = i
+        while i < n and data[i] == 0xFF:
             i += 1
+            if i - fill_start > MAX_FILL:
+                raise ValueError(f"more than {MAX_FILL} fill bytes before a JPEG marker at byte {fill_start}")
         if i >= n:
             raise ValueError("JPEG ends inside a marker")
         marker = data[i]
@@ -52,3 +61,4 @@ def jpeg_size(data: bytes | bytearray | memoryview) -> tuple[int, int]:
             width = (data[i + 5] << 8) | data[i + 6]
             return width, height
         i += length
+    raise ValueError(f"no frame header (SOF) in the first {MAX_SEGMENTS} JPEG segments")

@@ -67,6 +67,15 @@ def test_missing_faces_give_empty_list():
     assert out.meta["vision"] == {"frame_id": 11, "faces": []}
 
 
+def test_boxes_go_back_to_the_pixels_of_the_frame_the_browser_sent():
+    stage, _ = make_stage()
+    msg = portrait_msg(portrait())
+    msg.meta.update(width=1280, height=720, scaled_from=[1920, 1080])  # ingest shrank it
+    (out,) = stage.process([msg])
+    assert out.meta["vision"]["faces"][0]["bbox"] == [15, 30, 45, 45]
+    assert out.meta["faces"][0]["bbox"] == [10, 20, 30, 30]  # the decoded frame's own boxes stay
+
+
 def test_quality_follows_runtime_settings_and_override():
     noisy = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8))
     low, _ = make_stage(jpeg_quality=30)
