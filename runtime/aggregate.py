@@ -20,7 +20,7 @@ from runtime.metrics import RateMeter, Window, percentiles, trace_spans
 
 class Aggregator:
     def __init__(self, roles: dict[int, str], liveness: Callable[[], dict[int, tuple[bool, float]]],
-                 ingest_drops: Callable[[], dict[str, int]], revision: Callable[[], int],
+                 ingest_drops: Callable[[], int], revision: Callable[[], int],
                  local_snapshot: Callable[[], dict] | None = None) -> None:
         self.roles = roles
         self._local_snapshot = local_snapshot
@@ -93,7 +93,7 @@ class Aggregator:
             "stages": stages,
             "hops": hops,
             "spans": spans,
-            "drops": {"ingest": sum(drops.values()), "flushed": flushed, "late": late},
+            "drops": {"ingest": drops, "flushed": flushed, "late": late},
             "revision": self._revision(),
             "ranks": [
                 {"rank": r, "role": self.roles.get(r, "?"), "alive": alive, "last_seen_s": round(silent, 2)}

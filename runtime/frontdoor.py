@@ -38,15 +38,21 @@ class FrontDoor:
         self._broadcast = broadcast
         self._health = health
         self._config_lock = threading.Lock()
+        self._open: set[str] = set()
         self.session_closed: Callable[[str], None] = lambda session: None
         """Called when a browser leaves, so per-session state downstream is released."""
 
     # -- sessions and frames ---------------------------------------------------------
 
     def open_session(self, session: str) -> None:
+        self._open.add(session)
         log.info("session %s connected", session)
 
+    def is_open(self, session: str) -> bool:
+        return session in self._open
+
     def close_session(self, session: str) -> None:
+        self._open.discard(session)
         self.inbox.drop_session(session)
         self.aggregator.forget_session(session)
         self.session_closed(session)
@@ -75,7 +81,8 @@ class FrontDoor:
         return self.config_current()
 
     def _adopt(self, revision: int, settings) -> None:
-        self.live_view.set(revision, settings)
+        if not self.live_view.set(revision, settings):
+            return  # nothing changed: no flush, no broadcast
         flushed = self.inbox.flush()
         self._broadcast(revision)
         log.info("live config revision %d (%d queued frames flushed)", revision, flushed)
@@ -109,12 +116,14 @@ class OutputSink(Channel):
     its session is dropped (counted as late): a mirror must never step backwards.
     """
 
-    def __init__(self, sink: SessionSink, aggregator: Aggregator, name: str = "sink") -> None:
+    def __init__(self, sink: SessionSink, aggregator: Aggregator, is_open: Callable[[str], bool],
+                 name: str = "sink") -> None:
         self.name = name
         self.capacity = 1 << 30
         self.stats = LinkStats()
         self._sink = sink
         self._aggregator = aggregator
+        self._is_open = is_open
         self._last_frame: dict[str, int] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -122,6 +131,8 @@ class OutputSink(Channel):
     def send(self, msg: Message, timeout: float | None = None) -> None:
         if self._closed:
             raise ChannelClosed(f"{self.name} is closed")
+        if not self._is_open(msg.session):
+            return  # its browser left while the frame was in the pipeline
         if msg.kind == Kind.EVENT:
             self.deliver_event(msg)
             return

@@ -67,10 +67,16 @@ class LiveConfig:
             return self._revision, self._settings
 
     def update(self, partial: dict[str, Any]) -> tuple[int, RuntimeSettings]:
-        """Apply a partial update; raises ``ConfigError`` and changes nothing if invalid."""
+        """Apply a partial update; raises ``ConfigError`` and changes nothing if invalid.
+
+        An update that changes no value keeps the revision: a new revision flushes every
+        session's queued frames, so repeating a setting must not cost anyone a frame.
+        """
         with self._lock:
-            self._settings = merged(self._settings, partial, path="config")
-            self._revision += 1
+            settings = merged(self._settings, partial, path="config")
+            if settings != self._settings:
+                self._settings = settings
+                self._revision += 1
             return self._revision, self._settings
 
     def apply_preset(self, name: str) -> tuple[int, RuntimeSettings]:

@@ -106,13 +106,13 @@ class RankRuntime:
         self.live_config = LiveConfig(self.config.runtime, self.config.presets)
         self.inbox = SessionQueue("sessions", self.config.flow.session_queue_depth)
         roles = {a.rank: a.role for a in self.plan.ranks}
-        self.aggregator = Aggregator(roles, self._liveness, lambda: dict(self.inbox.dropped),
+        self.aggregator = Aggregator(roles, self._liveness, lambda: self.inbox.dropped_total,
                                      lambda: self.live.get().revision, local_snapshot=self.snapshot)
         self.front = FrontDoor(live_config=self.live_config, live_view=self.live, inbox=self.inbox,
                                aggregator=self.aggregator, broadcast=self._broadcast_config,
                                health=self.health)
         self.server = WebServer(self.config.server, self.front)
-        self.sink = OutputSink(self.server, self.aggregator)
+        self.sink = OutputSink(self.server, self.aggregator, is_open=self.front.is_open)
         self.front.session_closed = self.sink.forget
 
     def _build_runners(self) -> None:

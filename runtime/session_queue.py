@@ -29,7 +29,8 @@ class SessionQueue(Channel):
         self._cond = threading.Condition()
         self._closed = False
         self.dropped: dict[str, int] = {}
-        """Frames dropped per session because a newer one arrived while it waited."""
+        """Frames dropped per open session because a newer one arrived while it waited."""
+        self.dropped_total = 0
         self.flushed = 0
 
     def send(self, msg: Message, timeout: float | None = None) -> None:
@@ -43,6 +44,7 @@ class SessionQueue(Channel):
             if len(queue) >= self.capacity:
                 queue.popleft()
                 self.dropped[msg.session] = self.dropped.get(msg.session, 0) + 1
+                self.dropped_total += 1
             queue.append(msg)
             self._cond.notify()
         self.stats.record_send(msg.payload_bytes, 0.0)
@@ -78,6 +80,7 @@ class SessionQueue(Channel):
     def drop_session(self, session: str) -> None:
         with self._cond:
             self._queues.pop(session, None)
+            self.dropped.pop(session, None)
 
     def flush(self) -> int:
         """Drop every queued frame (after a config change); returns how many."""

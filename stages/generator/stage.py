@@ -135,7 +135,10 @@ class GeneratorStage(Stage):
         for i, it in enumerate(items):
             state = self._state(it.msg.session, now)
             frame = lowfi.temporal_smooth(styled[i], state.previous, settings.smoothing)
-            state.previous = frame
+            # styled[i] is a view of the whole batch: keeping it would pin max_batch frames
+            # per session; without smoothing nothing needs keeping at all.
+            state.previous = None if settings.smoothing <= 0 else (
+                frame.clone() if frame.data_ptr() == styled[i].data_ptr() else frame)
             portrait = (frame * 255.0).round_().to(torch.uint8).permute(1, 2, 0).contiguous()
             outputs.append(self._emit(it, portrait, view, started))
         return outputs

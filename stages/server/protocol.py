@@ -137,9 +137,15 @@ def probe_jpeg(data: bytes | bytearray | memoryview, *, max_width: int, max_heig
     return width, height
 
 
+MIN_FRAME_SIDE = 16
+"""Smaller frames hold no face and no portrait; refuse them here with a clear reason."""
+
+
 def _check_size(width: int, height: int, max_width: int, max_height: int, max_pixels: int) -> None:
-    if width == 0 or height == 0:
-        raise ProtocolError(ErrorCode.BAD_IMAGE_SIZE, f"JPEG declares an empty image {width}x{height}")
+    if width < MIN_FRAME_SIDE or height < MIN_FRAME_SIDE:
+        raise ProtocolError(ErrorCode.BAD_IMAGE_SIZE,
+                            f"JPEG is {width}x{height}; camera frames must be at least "
+                            f"{MIN_FRAME_SIDE}x{MIN_FRAME_SIDE}")
     if width > max_width or height > max_height or width * height > max_pixels:
         raise ProtocolError(ErrorCode.BAD_IMAGE_SIZE,
                             f"JPEG is {width}x{height}; the limit is {max_width}x{max_height} "
@@ -171,6 +177,8 @@ def decode_client_message(text: str | bytes) -> TextMessage:
         value = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise ProtocolError(ErrorCode.BAD_JSON, f"text message is not valid JSON: {e}") from None
+    except RecursionError:  # e.g. '[' * 100000: valid-looking, too deep to parse
+        raise ProtocolError(ErrorCode.BAD_JSON, "text message nests too deeply") from None
     if not isinstance(value, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE,
                             f'expected an object {{"type", "payload"}}, got {type(value).__name__}')

@@ -116,3 +116,16 @@ def test_health_and_metrics_endpoints(runtime):
     assert health["ok"] and health["ranks"][0]["role"] == "server+ingest+vision+generator+display"
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert "mindmirror_output_fps " in metrics and 'mindmirror_rank_up{rank="0"' in metrics
+
+
+def test_a_session_that_left_leaves_no_state_behind(runtime):
+    async def scenario():
+        for _ in range(3):
+            async with MirrorClient(runtime.server.port) as client:
+                await client.stream(4, fps=30)  # leaves with frames still in the pipeline
+        await asyncio.sleep(1.0)
+
+    asyncio.run(scenario())
+    stats = runtime.aggregator.stats()
+    assert stats["sessions"] == {}
+    assert runtime.inbox.dropped == {} and runtime.sink._last_frame == {}

@@ -47,3 +47,10 @@ def test_view_adopts_only_newer_revisions_and_raises_the_flush_floor():
     assert not view.set(2, RuntimeSettings(strength=0.9))  # late, out-of-order update
     assert view.get().revision == 3 and view.get().settings.strength == 0.1
     assert view.flush_floor == 3
+
+
+def test_an_update_that_changes_nothing_keeps_the_revision():
+    live = LiveConfig(RuntimeSettings(), {})
+    assert live.update({"strength": RuntimeSettings().strength})[0] == 1
+    assert live.update({})[0] == 1
+    assert live.update({"strength": 0.1})[0] == 2

@@ -19,7 +19,7 @@ def test_drops_the_oldest_frame_of_a_session_that_is_behind():
     for i in range(5):
         q.send(frame("a", i))
     assert [q.recv(0).frame_id for _ in range(2)] == [3, 4]
-    assert q.dropped == {"a": 3}
+    assert q.dropped == {"a": 3} and q.dropped_total == 3
 
 
 def test_sessions_take_turns():
@@ -36,7 +36,7 @@ def test_flush_and_drop_session():
     q.send(frame("a", 1))
     q.send(frame("b", 1))
     q.drop_session("a")
-    assert q.queued() == 1
+    assert q.queued() == 1 and "a" not in q.dropped
     assert q.flush() == 1 and q.queued() == 0 and q.flushed == 1
 
 

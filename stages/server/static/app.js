@@ -30,6 +30,7 @@ const latency = new RollingPercentiles(120);
 let socket = null;
 let reconnectAttempt = 0;
 let lastVision = null;
+let lastRevision = null;  // live config revision last shown
 
 const capture = new Capture(ui.camera, (data) => {
   if (!socket || socket.readyState !== WebSocket.OPEN || socket.bufferedAmount > MAX_BUFFERED_BYTES) return false;
@@ -77,6 +78,10 @@ function onText({ type, payload }) {
     case "config.current":
       reconnectAttempt = 0;
       setConnection("live", "ok");
+      // A new revision flushes frames queued under the old one; they will never be
+      // answered, so stop waiting for them instead of stalling capture until they expire.
+      if (payload.revision !== lastRevision) capture.reset();
+      lastRevision = payload.revision;
       showConfig(payload);
       break;
     case "vision":

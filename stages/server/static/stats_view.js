@@ -80,7 +80,7 @@ function isScalar(v) {
 }
 
 export function format(v) {
-  if (v === null || v === undefined) return "–";
+  if (v === null || v === undefined || Number.isNaN(v)) return "–";
   if (v === true) return "●";
   if (v === false) return "○";
   if (typeof v === "number") return Number.isInteger(v) ? String(v) : v.toFixed(v < 10 ? 2 : 1);

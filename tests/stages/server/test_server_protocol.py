@@ -119,6 +119,7 @@ def test_probe_reads_progressive_sof2():
     (sof_only_jpeg(640, 480)[:10], ErrorCode.BAD_JPEG),               # SOF truncated
     (sof_only_jpeg(0, 480), ErrorCode.BAD_IMAGE_SIZE),
     (sof_only_jpeg(640, 0), ErrorCode.BAD_IMAGE_SIZE),
+    (sof_only_jpeg(1, 1), ErrorCode.BAD_IMAGE_SIZE),                  # no room for a face or a portrait
     (sof_only_jpeg(60000, 60000), ErrorCode.BAD_IMAGE_SIZE),
     (sof_only_jpeg(3841, 100), ErrorCode.BAD_IMAGE_SIZE),
     (sof_only_jpeg(3840, 3840), ErrorCode.BAD_IMAGE_SIZE),            # within each side, too many pixels
@@ -161,6 +162,7 @@ def test_decode_client_message(text, kind, payload):
     ("{", ErrorCode.BAD_JSON),
     ("", ErrorCode.BAD_JSON),
     (b"\xff\xfe", ErrorCode.BAD_JSON),
+    ("[" * 100000, ErrorCode.BAD_JSON),
     ("[1, 2]", ErrorCode.BAD_MESSAGE),
     ('"config.update"', ErrorCode.BAD_MESSAGE),
     ('{"payload":{}}', ErrorCode.BAD_MESSAGE),
