@@ -48,6 +48,3 @@ class SessionSink(Protocol):
 
     def deliver_error(self, session: str, code: str, message: str) -> None:
         """An ``error`` message for one session (e.g. a frame that failed to decode)."""
-
-    def broadcast_config(self, current: dict[str, Any]) -> None:
-        """Send ``config.current`` to every session (after a change)."""

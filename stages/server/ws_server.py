@@ -137,9 +137,6 @@ class WebServer:
     def deliver_error(self, session: str, code: str, message: str) -> None:
         self._call_soon(self._route_error, session, code, protocol.error_message(code, message))
 
-    def broadcast_config(self, current: dict[str, Any]) -> None:
-        self._call_soon(self._push_config_all, self._config_text(current))
-
     def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
         loop = self._loop
         if loop is None or self._stopping:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 import time
 
 import pytest
@@ -110,16 +109,6 @@ def test_config_update_is_broadcast(server, hooks):
         for client in (a, b):
             current = client.text("config.current")
             assert current["revision"] == 3 and current["config"]["style"] == "neon"
-
-
-def test_runtime_broadcast_config_reaches_every_session(server, hooks):
-    with Client.open(server) as a, Client.open(server) as b:
-        a.text("config.current")
-        b.text("config.current")
-        hooks.live.update({"smoothing": 0.9})
-        threading.Thread(target=server.broadcast_config, args=(hooks.config_current(),)).start()
-        assert a.text("config.current")["config"]["smoothing"] == 0.9
-        assert b.text("config.current")["config"]["smoothing"] == 0.9
 
 
 def test_two_sessions_get_their_own_frames_in_order(start_server):
