@@ -12,7 +12,10 @@ the in-process and torch.distributed implementations:
   Raises ``ChannelTimeout`` when time runs out, ``ChannelClosed`` after ``close()`` or
   when the peer sent END, ``PeerFailure`` when the peer died or stalled past the
   liveness limit. Never hangs silently.
-* ``close()`` never blocks and may be called any number of times.
+* ``close()`` may be called any number of times and returns within a bounded time (a
+  torch link waits at most a couple of seconds for its END to go out). After the sending
+  end closes, the receiver still gets every message sent, then ``ChannelClosed``; after
+  the receiving end closes, messages not yet taken may be discarded.
 """
 
 from __future__ import annotations
@@ -84,4 +87,5 @@ class Channel(ABC):
         """Free send credits right now (0..capacity); used by least-loaded routing."""
 
     @abstractmethod
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """End this side of the link (see the module docstring)."""

@@ -193,9 +193,21 @@ class TorchChannel(Channel):
                 # NCCL's wait only orders the current stream; the buffer must outlive
                 # the transfer, so wait for the stream itself.
                 work.wait()
-                torch.cuda.current_stream(torch.device(self.spec.src_device)).synchronize()
+                self._await_cuda(torch.device(self.spec.src_device), "send")
             else:
                 work.wait(timeout=self._peer_wait)
+
+    def _await_cuda(self, device: torch.device, what: str) -> None:
+        """Wait for the NCCL transfer just queued on ``device``'s stream, at most
+        ``peer_timeout_s``: a peer that died mid-transfer must surface as a failed link,
+        not block this thread until NCCL's watchdog kills the process."""
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(device))
+        deadline = time.monotonic() + self._config.peer_timeout_s
+        while not done.query():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"NCCL {what} did not complete in {self._config.peer_timeout_s} s")
+            time.sleep(0.0002)
 
     def _credit_reader(self) -> None:
         buf = torch.zeros(2, dtype=torch.int64)
@@ -212,7 +224,7 @@ class TorchChannel(Channel):
                 else:
                     self._fail(f"protocol error: credit message {[code, count]} from rank {self._peer}")
                     return
-        except RuntimeError as e:
+        except Exception as e:  # RuntimeError from gloo; ValueError once the group is destroyed
             self._fail(f"rank {self._peer} failed (credit link): {e}")
             return
         with self._cond:
@@ -232,7 +244,7 @@ class TorchChannel(Channel):
             self._end_sent = True
             _SLOT.pack_into(self._slot.numpy(), 0, _SLOT_MAGIC, _SLOT_END, 0, 0, 0, 0, time.time())
             dist.isend(self._slot, self._peer, group=self._meta).wait(timeout=timedelta(seconds=wait_s))
-        except RuntimeError as e:
+        except Exception as e:
             self._fail(f"END to rank {self._peer} failed: {e}")
         finally:
             self._send_lock.release()
@@ -273,7 +285,7 @@ class TorchChannel(Channel):
                     if not self._closed:
                         self._queue.append(msg)
                         self._cond.notify_all()
-        except (RuntimeError, HeaderError) as e:
+        except Exception as e:  # gloo errors, a bad header, or a group already destroyed
             self._fail(f"receive from rank {self._peer} failed: {e}")
             return
         with self._cond:
@@ -316,7 +328,7 @@ class TorchChannel(Channel):
         if self._data_backend == "nccl":
             flat = torch.empty(total, dtype=torch.uint8, device=self._device)
             dist.irecv(flat, self._peer, group=self._data).wait()
-            torch.cuda.current_stream(self._device).synchronize()
+            self._await_cuda(self._device, "receive")
             return flat
         flat = torch.empty(total, dtype=torch.uint8)
         dist.irecv(flat, self._peer, group=self._data).wait(timeout=self._peer_wait)
@@ -337,7 +349,7 @@ class TorchChannel(Channel):
                 dist.isend(buf, self._peer, group=self._credit).wait(timeout=self._peer_wait)
                 if last:
                     return
-        except RuntimeError as e:
+        except Exception as e:
             self._fail(f"credit to rank {self._peer} failed: {e}")
 
     # ------------------------------------------------------------------- both ends
@@ -396,6 +408,8 @@ class TorchChannel(Channel):
 
 @atexit.register
 def _close_live_channels() -> None:
+    if not dist.is_initialized():
+        return  # the groups are gone (destroyed after a failure): nothing can be sent on them
     channels = list(_live)
     for channel in channels:
         channel.close()

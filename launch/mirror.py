@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     log = init_logger(where.rank, the_plan.ranks[where.rank].role, config.compute.log_level)
     runtime = RankRuntime(config, the_plan, where.rank)
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda s, _f: runtime.request_stop(signal.Signals(s).name))
+        signal.signal(signum, lambda s, _f: runtime.note_signal(signal.Signals(s).name))
     if the_plan.world_size > 1:
         init_distributed(the_plan.backend(config.transport.backend), config.transport.init_timeout_s)
     clean = True

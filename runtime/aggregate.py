@@ -20,12 +20,13 @@ from runtime.metrics import RateMeter, Window, percentiles, trace_spans
 
 class Aggregator:
     def __init__(self, roles: dict[int, str], liveness: Callable[[], dict[int, tuple[bool, float]]],
-                 ingest_drops: Callable[[], int], revision: Callable[[], int],
+                 ingest_counts: Callable[[], tuple[int, int]], revision: Callable[[], int],
                  local_snapshot: Callable[[], dict] | None = None) -> None:
         self.roles = roles
         self._local_snapshot = local_snapshot
         self._liveness = liveness
-        self._ingest_drops = ingest_drops
+        self._ingest_counts = ingest_counts
+        """(frames dropped for newer ones, frames flushed by a config change) at ingest."""
         self._revision = revision
         self._snapshots: dict[int, dict] = {}
         self._spans: dict[str, Window] = {}
@@ -70,13 +71,13 @@ class Aggregator:
         if self._local_snapshot is not None:
             self.on_snapshot(0, self._local_snapshot())  # rank 0's own stages, fresh
         liveness = self._liveness()
-        drops = self._ingest_drops()
+        dropped, flushed = self._ingest_counts()
         with self._lock:
             snapshots = dict(self._snapshots)
             spans = {k: percentiles(w.values()) for k, w in self._spans.items()}
             sessions = {s: round(m.rate(), 2) for s, m in self._session_fps.items()}
             delivered, late = self.delivered, self.late
-        stages, hops, flushed = {}, {}, 0
+        stages, hops = {}, {}
         for snapshot in snapshots.values():
             for name, s in snapshot.get("stages", {}).items():
                 stages[name] = s
@@ -93,7 +94,7 @@ class Aggregator:
             "stages": stages,
             "hops": hops,
             "spans": spans,
-            "drops": {"ingest": drops, "flushed": flushed, "late": late},
+            "drops": {"ingest": dropped, "flushed": flushed, "late": late},
             "revision": self._revision(),
             "ranks": [
                 {"rank": r, "role": self.roles.get(r, "?"), "alive": alive, "last_seen_s": round(silent, 2)}

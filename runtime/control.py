@@ -5,6 +5,7 @@ small links per rank (gloo, CPU), apart from the data links:
 
     ctl:0->r     Kind.CONTROL  {"op": "config", "revision", "settings"} | {"op": "stop", "reason", "failed"}
     status:r->0  Kind.STATUS   {"op": "heartbeat", "snapshot": {...metrics...}}
+                               {"op": "leaving", "reason", "failed"}  (last, when the rank stops)
                  Kind.EVENT    a stage's notice for a browser session, forwarded to rank 0
 
 A rank that sends no heartbeat for ``liveness_timeout_s`` is declared stalled, and a
@@ -57,9 +58,10 @@ class ControlHub:
 
     def __init__(self, *, config: ControlConfig, ctl: dict[int, Channel], status: dict[int, Channel],
                  roles: dict[int, str], on_snapshot: Callable[[int, dict], None],
-                 on_event: Callable[[Message], None], on_failure: Callable[[str], None],
-                 stopping: threading.Event) -> None:
+                 on_event: Callable[[Message], None], on_stop: Callable[[str], None],
+                 on_failure: Callable[[str], None], stopping: threading.Event) -> None:
         self.config = config
+        self.on_stop = on_stop
         self.ctl = ctl
         self.status = status
         self.roles = roles
@@ -148,6 +150,9 @@ class ControlHub:
                 self.last_seen[rank] = time.monotonic()
                 if all(seen is not None for seen in self.last_seen.values()):
                     self.all_reported.set()
+            if msg.kind == Kind.STATUS and msg.meta.get("op") == "leaving":
+                self._left(rank, str(msg.meta.get("reason")), bool(msg.meta.get("failed")))
+                return
             if msg.kind == Kind.STATUS:
                 self.on_snapshot(rank, msg.meta.get("snapshot", {}))
             elif msg.kind == Kind.EVENT:
@@ -160,6 +165,17 @@ class ControlHub:
                 if alive and rank not in unreported and silent > self.config.liveness_timeout_s:
                     self._mark_dead(rank, f"{self.describe(rank)} stalled: no heartbeat for {silent:.1f} s")
 
+    def _left(self, rank: int, reason: str, failed: bool) -> None:
+        with self._lock:
+            self.alive[rank] = False
+        if self.stopping.is_set():
+            return
+        if failed:
+            log.error("%s failed: %s", self.describe(rank), reason)
+            self.on_failure(f"{self.describe(rank)} failed: {reason}")
+        else:
+            self.on_stop(f"{self.describe(rank)} stopped: {reason}")
+
     def _mark_dead(self, rank: int, reason: str) -> None:
         with self._lock:
             was_alive = self.alive.get(rank, False)
@@ -170,7 +186,8 @@ class ControlHub:
 
 
 class ControlClient:
-    """A worker rank's side: apply config, obey stop, send heartbeats and events."""
+    """A worker rank's side: apply config, obey stop, send heartbeats and events, and say
+    why it leaves. Rank 0 that stops taking status messages counts as stalled."""
 
     def __init__(self, *, config: ControlConfig, ctl: Channel, status: Channel, live: LiveView,
                  snapshot: Callable[[], dict], on_stop: Callable[[str], None],
@@ -184,8 +201,9 @@ class ControlClient:
         self.on_failure = on_failure
         self.stopping = stopping
         self._send_lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._listen, name="control", daemon=True),
-                         threading.Thread(target=self._beat, name="heartbeat", daemon=True)]
+        self._last_delivered = time.monotonic()
+        self._threads = [threading.Thread(target=self._guarded, args=(self._listen,), name="control", daemon=True),
+                         threading.Thread(target=self._guarded, args=(self._beat,), name="heartbeat", daemon=True)]
 
     def start(self) -> None:
         for t in self._threads:
@@ -194,16 +212,36 @@ class ControlClient:
     def publish_event(self, msg: Message) -> None:
         self._send(msg)
 
+    def leave(self, reason: str, failed: bool) -> None:
+        """The last status message: why this rank stops, so rank 0 can tell a clean stop
+        (SIGTERM to one rank) from a failure and name the real cause."""
+        self._send(Message(kind=Kind.STATUS, meta={"op": "leaving", "reason": reason, "failed": failed}))
+
     def _send(self, msg: Message) -> None:
-        # Heartbeats and events share the status link; one sender thread at a time.
+        # Heartbeats, events and the leaving notice share the status link: one sender at a time.
         with self._send_lock:
             try:
                 self.status.send(msg, timeout=self.config.liveness_timeout_s / 2)
+                self._last_delivered = time.monotonic()
             except ChannelTimeout:
-                log.warning("rank 0 is not taking status messages; dropped one")
-            except (ChannelClosed, PeerFailure) as e:
+                silent = time.monotonic() - self._last_delivered
+                if self.stopping.is_set():
+                    return
+                if silent > self.config.liveness_timeout_s:
+                    self.on_failure(f"rank 0 stalled: it took no status message for {silent:.1f} s")
+                else:
+                    log.warning("rank 0 is not taking status messages (%.1f s); dropped one", silent)
+            except TransportError as e:
                 if not self.stopping.is_set():
                     self.on_failure(f"lost the link to rank 0: {e}")
+
+    def _guarded(self, loop: Callable[[], None]) -> None:
+        # A bug in a control loop must end the job visibly, not leave a rank deaf to stop.
+        try:
+            loop()
+        except Exception as e:
+            log.exception("control plane thread failed")
+            self.on_failure(f"control plane failed: {e!r}")
 
     def _beat(self) -> None:
         while not self.stopping.is_set():

@@ -54,7 +54,6 @@ class FrontDoor:
     def close_session(self, session: str) -> None:
         self._open.discard(session)
         self.inbox.drop_session(session)
-        self.aggregator.forget_session(session)
         self.session_closed(session)
         log.info("session %s left", session)
 
@@ -131,27 +130,26 @@ class OutputSink(Channel):
     def send(self, msg: Message, timeout: float | None = None) -> None:
         if self._closed:
             raise ChannelClosed(f"{self.name} is closed")
-        if not self._is_open(msg.session):
-            return  # its browser left while the frame was in the pipeline
         if msg.kind == Kind.EVENT:
             self.deliver_event(msg)
             return
-        with self._lock:
-            last = self._last_frame.get(msg.session, -1)
-            in_order = msg.frame_id > last
-            if in_order:
-                self._last_frame[msg.session] = msg.frame_id
-        if not in_order:
-            self._aggregator.on_late()
-            return
-        msg.stamp("server.send")
         jpeg = msg.tensors[0].cpu().numpy().tobytes()
         vision = dict(msg.meta.get("vision", {"frame_id": msg.frame_id, "faces": []}))
         vision["revision"] = msg.revision  # which live config made this frame
-        start = time.perf_counter()
-        self._sink.deliver_output(msg.session, msg.frame_id, msg.client_ts, jpeg, vision)
-        self.stats.record_send(len(jpeg), time.perf_counter() - start)
-        self._aggregator.on_delivered(msg)
+        # One lock from the open-check to the last per-session write: ``forget`` takes it
+        # too, so a browser leaving mid-delivery cannot have its state re-created after.
+        with self._lock:
+            if not self._is_open(msg.session):
+                return  # its browser left while the frame was in the pipeline
+            if msg.frame_id <= self._last_frame.get(msg.session, -1):
+                self._aggregator.on_late()
+                return
+            self._last_frame[msg.session] = msg.frame_id
+            msg.stamp("server.send")
+            start = time.perf_counter()
+            self._sink.deliver_output(msg.session, msg.frame_id, msg.client_ts, jpeg, vision)
+            self.stats.record_send(len(jpeg), time.perf_counter() - start)
+            self._aggregator.on_delivered(msg)
 
     def deliver_event(self, msg: Message) -> None:
         code = str(msg.meta.get("code", "pipeline_error"))
@@ -168,8 +166,10 @@ class OutputSink(Channel):
         return self.capacity
 
     def forget(self, session: str) -> None:
+        """Release a departed session's state (after ``is_open`` turned false for it)."""
         with self._lock:
             self._last_frame.pop(session, None)
+            self._aggregator.forget_session(session)
 
     def close(self) -> None:
         self._closed = True

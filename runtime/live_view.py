@@ -11,14 +11,13 @@ from stages.base import RuntimeView
 class LiveView:
     """Latest ``(revision, settings)`` known on this rank; updated by the control plane.
 
-    ``flush_floor`` is the revision of the newest change: frames captured under an
-    older revision are stale and each stage drops them instead of spending work on
-    them (a long backlog after a style change is what makes live demos feel broken).
+    Frames captured under an older revision than the newest known (``flush_floor``) are
+    stale and each stage drops them instead of spending work on them (a long backlog
+    after a style change is what makes live demos feel broken).
     """
 
     def __init__(self, revision: int, settings: RuntimeSettings) -> None:
         self._view = RuntimeView(revision=revision, settings=settings)
-        self._floor = revision
         self._lock = threading.Lock()
 
     def get(self) -> RuntimeView:
@@ -27,8 +26,7 @@ class LiveView:
 
     @property
     def flush_floor(self) -> int:
-        with self._lock:
-            return self._floor
+        return self.get().revision
 
     def set(self, revision: int, settings: RuntimeSettings) -> bool:
         """Adopt a newer revision; returns False (and changes nothing) for an old one."""
@@ -36,5 +34,4 @@ class LiveView:
             if revision <= self._view.revision:
                 return False
             self._view = RuntimeView(revision=revision, settings=settings)
-            self._floor = revision
             return True

@@ -12,6 +12,7 @@ the other ranks to stop, and makes the process exit non-zero.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -19,7 +20,8 @@ import time
 import torch
 
 from comms.channel import Channel
-from comms.errors import ChannelClosed, ChannelTimeout, TransportError
+from comms.config import TransportConfig
+from comms.errors import ChannelTimeout, TransportError
 from comms.inprocess import InProcessChannel
 from comms.links import LinkSpec, create_links
 from comms.message import Message, Kind
@@ -58,7 +60,10 @@ class RankRuntime:
         self.hub: ControlHub | None = None
         self.client: ControlClient | None = None
         self.server = None
+        self.inbox: SessionQueue | None = None
         self.url: str | None = None
+        self.stop_reason = ""
+        self._signalled: str | None = None
 
     # -- building --------------------------------------------------------------------
 
@@ -67,6 +72,7 @@ class RankRuntime:
         self._build_channels()
         if self.rank == 0:
             self._build_front()
+        self._build_control()
         self._build_runners()
         for runner in self.runners:
             runner.start()
@@ -98,7 +104,15 @@ class RankRuntime:
             for r in range(1, self.plan.world_size):
                 remote_specs.append(_spec(f"ctl:0->{r}", 0, r, "cpu", "cpu"))
                 remote_specs.append(_spec(f"status:{r}->0", r, 0, "cpu", "cpu"))
-            self.channels.update(create_links(remote_specs, self.config.transport))
+            self.channels.update(create_links(remote_specs, self._link_transport()))
+
+    def _link_transport(self) -> TransportConfig:
+        """The transport config the links get: the plan decides whether NCCL may be used
+        at all (it may not when ranks share a GPU: NCCL refuses two ranks on one device);
+        then each link picks NCCL only when both of its ends are on CUDA."""
+        if self.plan.backend(self.config.transport.backend) == "nccl":
+            return dataclasses.replace(self.config.transport, backend="auto")
+        return dataclasses.replace(self.config.transport, backend="gloo")
 
     def _build_front(self) -> None:
         from stages.server.ws_server import WebServer  # only rank 0 serves browsers
@@ -106,7 +120,7 @@ class RankRuntime:
         self.live_config = LiveConfig(self.config.runtime, self.config.presets)
         self.inbox = SessionQueue("sessions", self.config.flow.session_queue_depth)
         roles = {a.rank: a.role for a in self.plan.ranks}
-        self.aggregator = Aggregator(roles, self._liveness, lambda: self.inbox.dropped_total,
+        self.aggregator = Aggregator(roles, self._liveness, lambda: (self.inbox.dropped_total, self.inbox.flushed),
                                      lambda: self.live.get().revision, local_snapshot=self.snapshot)
         self.front = FrontDoor(live_config=self.live_config, live_view=self.live, inbox=self.inbox,
                                aggregator=self.aggregator, broadcast=self._broadcast_config,
@@ -141,7 +155,7 @@ class RankRuntime:
                 metrics=self.metrics[name], stop=self.stopping,
                 publish_event=self._publish_event, on_failure=self.fail))
 
-    def _start_control(self) -> None:
+    def _build_control(self) -> None:
         if not self.distributed:
             return
         if self.rank == 0:
@@ -152,34 +166,49 @@ class RankRuntime:
                 status={r: self.channels[f"status:{r}->0"] for r in others},
                 roles={a.rank: a.role for a in self.plan.ranks},
                 on_snapshot=self.aggregator.on_snapshot, on_event=self.sink.deliver_event,
-                on_failure=self.fail, stopping=self.stopping)
-            self.hub.start()
+                on_stop=self.request_stop, on_failure=self.fail, stopping=self.stopping)
         else:
             self.client = ControlClient(
                 config=self.config.control, ctl=self.channels[f"ctl:0->{self.rank}"],
                 status=self.channels[f"status:{self.rank}->0"], live=self.live,
                 snapshot=self.snapshot, on_stop=self.request_stop, on_failure=self.fail,
                 stopping=self.stopping)
-            self.client.start()
+
+    def _start_control(self) -> None:
+        for side in (self.hub, self.client):
+            if side is not None:
+                side.start()
 
     def _wait_for_ranks(self, deadline: float) -> None:
         if self.hub is None:
             return
-        if not self.hub.all_reported.wait(max(0.0, deadline - time.monotonic())):
-            missing = [self.hub.describe(r) for r in self.hub.unreported()]
-            self.fail(f"not ready in {self.config.transport.init_timeout_s} s: {', '.join(missing)}")
+        while not self.hub.all_reported.wait(0.2):
+            if self.stopping.is_set():
+                break  # a rank already reported why it cannot start
+            if time.monotonic() > deadline:
+                missing = [self.hub.describe(r) for r in self.hub.unreported()]
+                self.fail(f"not ready in {self.config.transport.init_timeout_s} s: {', '.join(missing)}")
+                break
         if self.failure:
             raise RuntimeError(self.failure)
 
     # -- running ---------------------------------------------------------------------
 
+    def note_signal(self, name: str) -> None:
+        """For signal handlers: only records the signal. Stopping takes locks, and a
+        handler runs on the main thread, which may hold one of them at that moment."""
+        self._signalled = name
+
     def wait(self) -> None:
-        while not self.stopping.wait(0.5):
-            pass
+        while not self.stopping.is_set():
+            if self._signalled:
+                self.request_stop(self._signalled)
+            time.sleep(0.1)
 
     def request_stop(self, reason: str) -> None:
         if self.stopping.is_set():
             return
+        self.stop_reason = reason
         log.info("stopping: %s", reason)
         if self.hub is not None:
             self.hub.broadcast(Message(kind=Kind.CONTROL, meta={
@@ -242,7 +271,9 @@ class RankRuntime:
             self.server.stop()
         if self.hub is not None and not self.hub.flush(max(0.1, deadline - time.monotonic())):
             log.warning("the stop message did not reach every rank in time")
-        if self.rank == 0:
+        if self.client is not None:
+            self.client.leave(self.failure or self.stop_reason, failed=self.failure is not None)
+        if self.inbox is not None:
             self.inbox.close()
         for runner in self.runners:
             if not runner.join(max(0.1, deadline - time.monotonic())):
@@ -286,7 +317,7 @@ def _drain(channel: Channel, deadline: float) -> None:
             channel.recv(timeout=min(remaining, 0.5))
         except ChannelTimeout:
             continue
-        except (ChannelClosed, TransportError):
+        except TransportError:  # ChannelClosed (END) or a broken link: nothing more comes
             return
 
 

@@ -66,10 +66,10 @@ class SessionQueue(Channel):
         return msg
 
     def _pop_round_robin(self) -> Message | None:
-        for session in list(self._queues):
-            queue = self._queues[session]
+        for session, queue in self._queues.items():
             if queue:
-                # Move the served session to the back: fair turns across sessions.
+                # Move the served session to the back: fair turns across sessions. (The
+                # dict changes under the loop, which is safe because we return at once.)
                 self._queues.move_to_end(session)
                 return queue.popleft()
         return None

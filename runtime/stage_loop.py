@@ -157,12 +157,9 @@ class StageRunner:
             msg = channel.recv(timeout=timeout)
         except ChannelTimeout:
             return None
-        except ChannelClosed:
+        except ChannelClosed:  # the sender closed (END): this input is done
             self.inputs.remove(channel)
             self._next_input = 0
-            return None
-        if msg.kind == Kind.END:
-            self.inputs.remove(channel)
             return None
         return msg
 

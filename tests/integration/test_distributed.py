@@ -151,3 +151,29 @@ def test_a_stalled_rank_is_detected_and_the_job_ends(launch, tmp_path):
     assert codes[0] == 1 and codes[1] == 1, f"rank 0 and 1 should fail: {codes}\n{ranks.log(0)}"
     assert "rank 2 (generator) stalled: no heartbeat" in ranks.log(0)
     assert took < 15
+
+
+def test_sigterm_to_one_worker_stops_the_whole_job_cleanly(launch):
+    ranks, _ = launch(3)
+    ranks.signal(1, signal.SIGTERM)
+    codes = ranks.wait_all(20)
+    assert codes == [0, 0, 0], f"{codes}\n{ranks.log(0)}"
+    assert "stopping: rank 1 (vision) stopped: SIGTERM" in ranks.log(0)
+
+
+def test_a_frozen_rank_0_is_noticed_by_the_workers(launch, tmp_path):
+    config = write_config(tmp_path, {"control": {"heartbeat_s": 0.25, "liveness_timeout_s": 2.0},
+                                     "transport": {"peer_timeout_s": 3.0}})
+    ranks, _ = launch(3, config)
+    ranks.signal(0, signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    codes = ranks.wait_all(25, ranks=[1, 2])
+    took = time.monotonic() - frozen_at
+    ranks.kill_all()
+    assert codes[1] == 1 and codes[2] == 1, f"{codes}\n{ranks.log(1)}"
+    # A status send to a frozen rank 0 stalls inside gloo until peer_timeout_s, or finds
+    # no credit for longer than liveness_timeout_s: either way the worker names rank 0.
+    for r in (1, 2):
+        assert "rank 0 stalled" in ranks.log(r) or "lost the link to rank 0" in ranks.log(r), ranks.log(r)
+        assert "Traceback" not in ranks.log(r), ranks.log(r)
+    assert took < 15

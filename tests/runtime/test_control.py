@@ -21,11 +21,13 @@ class Job:
         self.status = {r: InProcessChannel(f"status:{r}->0", 8) for r in ranks}
         self.failures = {r: [] for r in (0, *ranks)}
         self.snapshots, self.events, self.stopped = {}, [], {}
+        self.hub_stops = []
         self.views = {r: LiveView(1, RuntimeSettings()) for r in ranks}
         self.hub = ControlHub(config=FAST, ctl=self.ctl, status=self.status,
                               roles={0: "server", **{r: f"worker{r}" for r in ranks}},
                               on_snapshot=self.snapshots.__setitem__, on_event=self.events.append,
-                              on_failure=self.failures[0].append, stopping=self.stop[0])
+                              on_stop=self.hub_stops.append, on_failure=self.failures[0].append,
+                              stopping=self.stop[0])
         self.clients = {
             r: ControlClient(config=FAST, ctl=self.ctl[r], status=self.status[r], live=self.views[r],
                              snapshot=lambda r=r: {"rank": r}, on_stop=lambda why, r=r: self._stopped(r, why),
@@ -36,8 +38,9 @@ class Job:
         self.stopped[rank] = why
         self.stop[rank].set()
 
-    def start(self):
-        self.hub.start()
+    def start(self, hub=True):
+        if hub:
+            self.hub.start()
         for c in self.clients.values():
             c.start()
 
@@ -110,4 +113,34 @@ def test_a_worker_notices_rank_0_going_away():
     job.ctl[1].close()
     assert wait_for(lambda: job.failures[1])
     assert "control link from rank 0" in job.failures[1][0]
+    job.shutdown()
+
+
+def test_a_rank_that_leaves_says_why_clean_or_failed():
+    job = Job()
+    job.start()
+    assert job.hub.all_reported.wait(2)
+    job.clients[1].leave("SIGTERM", failed=False)
+    assert wait_for(lambda: job.hub_stops == ["rank 1 (worker1) stopped: SIGTERM"])
+    assert not job.failures[0]
+    job.clients[2].leave("stage generator#0 failed: out of memory", failed=True)
+    assert wait_for(lambda: job.failures[0])
+    assert job.failures[0][0] == "rank 2 (worker2) failed: stage generator#0 failed: out of memory"
+    job.shutdown()
+
+
+def test_a_worker_notices_rank_0_no_longer_taking_status():
+    job = Job(ranks=(1,))
+    job.start(hub=False)  # rank 0 frozen: nothing reads the status link
+    assert wait_for(lambda: job.failures[1], timeout=5)
+    assert job.failures[1][0].startswith("rank 0 stalled: it took no status message for")
+    job.shutdown()
+
+
+def test_a_malformed_control_message_fails_the_rank_visibly():
+    job = Job(ranks=(1,))
+    job.start()
+    job.ctl[1].send(Message(kind=Kind.CONTROL, meta={"op": "config", "revision": 2}))  # no settings
+    assert wait_for(lambda: job.failures[1])
+    assert "control plane failed" in job.failures[1][0]
     job.shutdown()

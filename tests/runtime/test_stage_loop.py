@@ -76,8 +76,8 @@ def test_merges_several_inputs_and_ends_when_all_send_end():
     for i in range(3):
         a.send(msg(i, "a"))
         b.send(msg(i, "b"))
-    a.send(Message(kind=Kind.END))
-    b.send(Message(kind=Kind.END))
+    a.close()  # senders close: queued messages still drain, then the input ends
+    b.close()
     runner, _, _, _, _ = make_runner([a, b], [dst])
     runner.start()
     out = drain(dst, 6)
