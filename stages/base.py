@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from comms.message import Message
+from comms.message import Kind, Message
 
 
 @dataclass(kw_only=True, slots=True)
@@ -59,6 +59,14 @@ class Stage(ABC):
     @abstractmethod
     def process(self, batch: list[Message]) -> list[Message]:
         """Turn one micro-batch of inputs into outputs (same order, maybe fewer)."""
+
+    def reject(self, msg: Message, code: str, message: str) -> None:
+        """Drop ``msg``: log it and tell its browser session why (an ``error`` on the page).
+        Returns None so a helper can ``return self.reject(...)``."""
+        self.log.warning("session %s frame %d dropped: %s", msg.session, msg.frame_id, message)
+        self.context.publish_event(Message(kind=Kind.EVENT, session=msg.session, frame_id=msg.frame_id,
+                                           client_ts=msg.client_ts, meta={"code": code, "message": message}))
+        return None
 
     def on_revision(self, view: RuntimeView) -> None:
         """Called when the live runtime settings changed (before the next batch)."""

@@ -75,21 +75,14 @@ class DisplayStage(Stage):
         portrait = msg.tensors[0] if msg.tensors else None
         if portrait is None or portrait.dim() != 3 or portrait.shape[2] != 3 or portrait.dtype != torch.uint8:
             shape = None if portrait is None else (tuple(portrait.shape), str(portrait.dtype))
-            return self._reject(msg, f"not an RGB uint8 HWC portrait: {shape}")
+            return self.reject(msg, "encode_failed", f"not an RGB uint8 HWC portrait: {shape}")
         # A CUDA portrait comes over here; the copy is the only sync point of this stage.
         rgb = np.ascontiguousarray(portrait.detach().cpu().numpy())
         bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
         ok, buf = cv2.imencode(".jpg", bgr, params)
         if not ok:
-            return self._reject(msg, "JPEG encoding failed")
+            return self.reject(msg, "encode_failed", "JPEG encoding failed")
         return buf.reshape(-1)
-
-    def _reject(self, msg: Message, message: str) -> None:
-        self.log.warning("session %s frame %d dropped: %s", msg.session, msg.frame_id, message)
-        self.context.publish_event(Message(kind=Kind.EVENT, session=msg.session, frame_id=msg.frame_id,
-                                           client_ts=msg.client_ts,
-                                           meta={"code": "encode_failed", "message": message}))
-        return None
 
 
 def faces_in_input_pixels(meta: dict) -> list[dict]:

@@ -79,17 +79,17 @@ class IngestStage(Stage):
         after reporting why."""
         payload = msg.tensors[0] if msg.tensors else None
         if payload is None or payload.dtype != torch.uint8 or payload.dim() != 1 or payload.numel() == 0:
-            return self._reject(msg, "bad_jpeg", "frame payload is not a byte array")
+            return self.reject(msg, "bad_jpeg", "frame payload is not a byte array")
         if payload.numel() > self.config.max_bytes:
-            return self._reject(msg, "frame_too_large",
+            return self.reject(msg, "frame_too_large",
                                 f"frame of {payload.numel()} bytes exceeds {self.config.max_bytes}")
         data = payload.detach().cpu().numpy()
         try:
             width, height = jpeg_size(memoryview(data))
         except ValueError as e:
-            return self._reject(msg, "bad_jpeg", f"frame is not a JPEG image: {e}")
+            return self.reject(msg, "bad_jpeg", f"frame is not a JPEG image: {e}")
         if width * height > self.config.max_pixels:
-            return self._reject(msg, "frame_too_large",
+            return self.reject(msg, "frame_too_large",
                                 f"frame of {width}x{height} exceeds {self.config.max_pixels} pixels")
 
         flags = cv2.IMREAD_COLOR
@@ -100,15 +100,9 @@ class IngestStage(Stage):
         # Canvas-encoded frames carry no EXIF; ignoring it keeps header size == decoded size.
         bgr = cv2.imdecode(data, flags | cv2.IMREAD_IGNORE_ORIENTATION)
         if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3:
-            return self._reject(msg, "bad_jpeg", "frame could not be decoded as JPEG")
+            return self.reject(msg, "bad_jpeg", "frame could not be decoded as JPEG")
         if bgr.shape[1] > self.config.max_width:
             new_w = self.config.max_width
             new_h = max(1, round(bgr.shape[0] * new_w / bgr.shape[1]))
             bgr = cv2.resize(bgr, (new_w, new_h), interpolation=cv2.INTER_AREA)
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), (width, height)
-
-    def _reject(self, msg: Message, code: str, message: str) -> None:
-        self.log.warning("session %s frame %d dropped: %s", msg.session, msg.frame_id, message)
-        self.context.publish_event(Message(kind=Kind.EVENT, session=msg.session, frame_id=msg.frame_id,
-                                           client_ts=msg.client_ts, meta={"code": code, "message": message}))
-        return None

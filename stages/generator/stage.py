@@ -156,10 +156,7 @@ class GeneratorStage(Stage):
                 or frame.shape[0] < 2 or frame.shape[1] < 2:
             shape = None if frame is None else (tuple(frame.shape), str(frame.dtype))
             self.log.warning("session %s frame %d: not an RGB uint8 HWC frame: %s", msg.session, msg.frame_id, shape)
-            self.context.publish_event(Message(kind=Kind.EVENT, session=msg.session, frame_id=msg.frame_id,
-                                               client_ts=msg.client_ts,
-                                               meta={"code": "bad_frame", "message": "generator got no image"}))
-            return None
+            return self.reject(msg, "bad_frame", "generator got no image")
         height, width = int(frame.shape[0]), int(frame.shape[1])
         face = self._main_face(msg.meta.get("faces") or [])
         state = self._state(msg.session, now)

@@ -134,26 +134,20 @@ class VisionStage(Stage):
     def _frame_of(self, msg: Message) -> tuple[torch.Tensor, np.ndarray] | None:
         """(original tensor, H x W x C uint8 array) or None after reporting why not."""
         if msg.kind != Kind.FRAME:
-            return self._reject(msg, f"expected a FRAME message, got {msg.kind.name}")
+            return self.reject(msg, "vision_bad_frame", f"expected a FRAME message, got {msg.kind.name}")
         if not msg.tensors:
-            return self._reject(msg, "frame message carries no tensor")
+            return self.reject(msg, "vision_bad_frame", "frame message carries no tensor")
         tensor = msg.tensors[0]
         if tensor.dtype != torch.uint8:
-            return self._reject(msg, f"frame dtype must be uint8, got {tensor.dtype}")
+            return self.reject(msg, "vision_bad_frame", f"frame dtype must be uint8, got {tensor.dtype}")
         shape = tuple(tensor.shape)
         if tensor.dim() == 2:
             shape = (*shape, 1)
         if len(shape) != 3 or shape[2] not in (1, 3, 4) or shape[0] < 1 or shape[1] < 1:
-            return self._reject(msg, f"frame must be H x W x 1/3/4 with H, W >= 1, got shape {tuple(tensor.shape)}")
+            return self.reject(msg, "vision_bad_frame",
+                               f"frame must be H x W x 1/3/4 with H, W >= 1, got shape {tuple(tensor.shape)}")
         array = np.ascontiguousarray(tensor.detach().cpu().numpy().reshape(shape)[..., :3])
         return tensor, array
-
-    def _reject(self, msg: Message, reason: str) -> None:
-        self.log.warning("vision: dropping frame %d of session %r: %s", msg.frame_id, msg.session, reason)
-        # Same shape as the ingest stage's notices: {"code", "message"} for the page.
-        event = msg.derive(Kind.EVENT, meta={"code": "vision_bad_frame", "message": reason})
-        self.context.publish_event(event.stamp("vision.rejected"))
-        return None
 
     def teardown(self) -> None:
         self.tracker.clear()
