@@ -33,6 +33,10 @@ class _Face:
     quality: float
 
 
+MIN_VISIBLE = 0.5
+"""A tracked face predicted to be mostly outside the frame is not reported until a
+detection finds it again (or the track expires)."""
+
 class VisionStage(Stage):
     """Face detection, tracking and emotion recognition.
 
@@ -91,6 +95,8 @@ class VisionStage(Stage):
             fill = border_value(gray)
             faces = []
             for track in self.tracker.update(msg.session, (width, height), detections):
+                if track.visible_fraction(width, height) < MIN_VISIBLE:
+                    continue  # predicted off the frame: its crop would be mostly fill
                 box = track.int_box(width, height)
                 crop = crop_face(gray, box, cfg.emotion_margin, fill)
                 quality = face_quality(crop, box, full_size_px=cfg.quality_full_px,

@@ -47,6 +47,13 @@ class Track:
     """Detections in a row that did not match this track."""
     frames_since_match: int = 0
 
+    def visible_fraction(self, width: int, height: int) -> float:
+        """How much of the box lies inside a ``width`` x ``height`` frame (0..1)."""
+        x, y, w, h = self.box
+        inside_w = max(0.0, min(x + w, width) - max(x, 0.0))
+        inside_h = max(0.0, min(y + h, height) - max(y, 0.0))
+        return inside_w * inside_h / (w * h) if w > 0 and h > 0 else 0.0
+
     def int_box(self, width: int, height: int) -> Box:
         """The box rounded and clipped to a ``width`` x ``height`` frame (at least 1x1)."""
         x, y, w, h = self.box

@@ -137,3 +137,11 @@ def test_boxes_are_clipped_to_the_frame():
     track.box = (500.0, 500.0, 10.0, 10.0)
     x, y, w, h = track.int_box(100, 80)
     assert 0 <= x < 100 and 0 <= y < 80 and w >= 1 and h >= 1
+
+
+def test_visible_fraction_of_a_track():
+    from stages.vision.tracker import Track
+
+    assert Track(face_id=1, box=(10.0, 10.0, 20.0, 20.0)).visible_fraction(100, 100) == 1.0
+    assert Track(face_id=1, box=(90.0, 10.0, 20.0, 20.0)).visible_fraction(100, 100) == 0.5
+    assert Track(face_id=1, box=(120.0, 10.0, 20.0, 20.0)).visible_fraction(100, 100) == 0.0
