@@ -211,15 +211,18 @@ def decode_header(data: bytes | bytearray | memoryview) -> tuple[Message, list[T
     return msg, specs
 
 
-def pack_tensors(tensors: list[torch.Tensor], device: torch.device | str | None = None
-                 ) -> tuple[torch.Tensor, list[TensorSpec]]:
+def pack_tensors(tensors: list[torch.Tensor], device: torch.device | str | None = None,
+                 specs: list[TensorSpec] | None = None) -> tuple[torch.Tensor, list[TensorSpec]]:
     """One flat uint8 buffer holding ``tensors`` at aligned offsets, on ``device``.
 
     ``device`` defaults to the first tensor's device (CPU when there are none). A single
     contiguous tensor already on ``device`` is returned as a byte view, without a copy,
     so the sender must not modify it until the send completes (the Channel contract).
+    ``specs``: the ``layout(tensors)`` the caller already computed for the header.
     """
-    specs, total = layout(tensors)
+    if specs is None:
+        specs, _ = layout(tensors)
+    total = specs[-1].offset + specs[-1].nbytes if specs else 0
     if device is None:
         device = tensors[0].device if tensors else torch.device("cpu")
     device = torch.device(device)

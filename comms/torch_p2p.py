@@ -54,7 +54,7 @@ import torch.distributed as dist
 from comms.channel import Channel, LinkStats
 from comms.config import TransportConfig
 from comms.errors import ChannelClosed, ChannelTimeout, HeaderError, PeerFailure, TransportError
-from comms.header import align_up, decode_header, encode_header, layout, pack_tensors, unpack_tensors
+from comms.header import TensorSpec, align_up, decode_header, encode_header, layout, pack_tensors, unpack_tensors
 from comms.inprocess import deadline_of, remaining
 from comms.message import Message
 
@@ -138,7 +138,7 @@ class TorchChannel(Channel):
             with self._send_lock:
                 if self._end_sent:
                     raise ChannelClosed(f"link {self.name!r} is closed")
-                self._transmit(msg, header, total)
+                self._transmit(msg, header, specs, total)
         except RuntimeError as e:
             if isinstance(e, TransportError):
                 raise
@@ -154,7 +154,7 @@ class TorchChannel(Channel):
                 return 0
             return self._credits
 
-    def _transmit(self, msg: Message, header: bytes, total: int) -> None:
+    def _transmit(self, msg: Message, header: bytes, specs: list[TensorSpec], total: int) -> None:
         slot_bytes = self._config.slot_bytes
         overflow = _SLOT.size + len(header) > slot_bytes
         inline_at = align_up(_SLOT.size + len(header))
@@ -172,14 +172,14 @@ class TorchChannel(Channel):
         else:
             slot[_SLOT.size:_SLOT.size + len(header)] = np.frombuffer(header, dtype=np.uint8)
         if inline:
-            flat, _ = pack_tensors(msg.tensors, "cpu")
+            flat, _ = pack_tensors(msg.tensors, "cpu", specs)
             self._slot[inline_at:inline_at + total].copy_(flat)
         works.append(dist.isend(self._slot, self._peer, group=self._meta))
         if overflow:
             works.append(dist.isend(extra, self._peer, group=self._meta))
         if flags & _FLAG_PAYLOAD:
             device = self.spec.src_device if self._data_backend == "nccl" else "cpu"
-            flat, _ = pack_tensors(msg.tensors, device)
+            flat, _ = pack_tensors(msg.tensors, device, specs)
             keep.append(flat)
             works.append(dist.isend(flat, self._peer, group=self._data))
         self._wait_all(works, flags & _FLAG_PAYLOAD and self._data_backend == "nccl")
