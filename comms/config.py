@@ -19,12 +19,18 @@ class TransportConfig:
     link_capacity: int = 2
     """Messages in flight per link (sent, not yet taken by the receiver); the sender
     blocks beyond this. Small values keep latency low under load."""
-    slot_bytes: int = 16384
-    """Fixed size of the header slot every message sends first; larger headers follow
-    in an overflow buffer at the cost of one more round trip."""
-    inline_max_bytes: int = 8192
-    """Payloads up to this size ride inside the header slot on gloo links, saving the
-    separate payload send; must leave room for a header within ``slot_bytes``."""
+    slot_bytes: int = 131072
+    """Size of the header slot the receiver keeps posted ahead of time; a message's
+    header (and a small payload, see ``inline_max_bytes``) arrives in it without a
+    round trip. Only the used part travels, so a large slot costs nothing per message.
+    Larger headers follow in an overflow buffer at the cost of one more round trip."""
+    inline_max_bytes: int = 65536
+    """Payloads up to this size ride inside the header slot on gloo links: one transfer
+    per message instead of two. At most ``slot_bytes / 2``, leaving room for the header."""
+    prepost_bytes: int = 4 * 2**20
+    """Size of the payload receive a gloo link's receiver keeps posted ahead of time, so
+    a payload arrives without first announcing its size (one round trip less). A larger
+    payload goes the slow way once and grows the posted size to fit (up to 64 MiB)."""
     peer_timeout_s: float = 10.0
     """How long a started transfer (or a credit, once due) may stall before the peer
     counts as failed. Idle links never time out."""
@@ -40,6 +46,8 @@ class TransportConfig:
         check(isinstance(self.inline_max_bytes, int) and 0 <= self.inline_max_bytes <= self.slot_bytes // 2,
               "inline_max_bytes",
               f"must be an integer within 0..slot_bytes/2 ({self.slot_bytes // 2}), got {self.inline_max_bytes!r}")
+        check(isinstance(self.prepost_bytes, int) and 2**10 <= self.prepost_bytes <= 2**26, "prepost_bytes",
+              f"must be an integer within 1024..67108864, got {self.prepost_bytes!r}")
         check(isinstance(self.peer_timeout_s, (int, float)) and 0.1 <= self.peer_timeout_s <= 3600,
               "peer_timeout_s", f"must be within 0.1..3600 seconds, got {self.peer_timeout_s!r}")
         check(isinstance(self.init_timeout_s, (int, float)) and 1 <= self.init_timeout_s <= 3600,

@@ -18,6 +18,18 @@ of at most ``inline_max_bytes``. Credits make the receive queue bounded: the sen
 starts with ``capacity`` credits, spends one per message, and the receiver returns one
 per ``recv``.
 
+Posted ahead: gloo hands a sender's bytes over only once the receiver has posted the
+matching receive (a rendezvous), and a receive may be larger than what is sent. So the
+receiver always keeps the next slot receive posted (``slot_bytes``; only the used part
+travels), and on gloo data links also the next payload receive, ``prepost_bytes`` large.
+A message then costs no round trip beyond the bytes themselves. Both ends compute the
+posted payload size the same way (``next_prepost``) from the payload sizes they have
+seen, so the sender knows when a payload would not fit: it marks the slot OVERSIZE,
+sends one filler byte into the posted receive, and the payload follows into a receive
+of its exact size; the posted size then grows to fit. END carries a filler too, so no
+receive is left posted when a link ends. NCCL payloads keep the exact-size receive
+posted after the slot arrives (NCCL needs matching sizes and stream-ordered buffers).
+
 Waiting on an idle link: gloo closes the connection when a ``wait(timeout)`` expires
 (measured: the next wait fails with "Application timeout caused pair closure"), so a
 timed-out wait cannot be retried. Idle waits therefore use a ten-year timeout, and
@@ -70,8 +82,36 @@ CLOSE_TIMEOUT_S = 2.0
 _SLOT = struct.Struct("<4sBBHIQd")  # magic, slot kind, flags, reserved, header_len, payload_len, send time
 _SLOT_MAGIC = b"MMS1"
 _SLOT_MSG, _SLOT_END = 1, 2
-_FLAG_INLINE, _FLAG_OVERFLOW, _FLAG_PAYLOAD = 1, 2, 4
+_FLAG_INLINE, _FLAG_OVERFLOW, _FLAG_PAYLOAD, _FLAG_OVERSIZE = 1, 2, 4, 8
 _CREDIT, _CLOSED = 1, 2
+
+PREPOST_MAX = 64 * 2**20
+"""The posted payload receive never grows beyond this; larger payloads always go the
+OVERSIZE way (one round trip more)."""
+_PREPOST_STEP = 2**20
+
+
+def next_prepost(posted: int, payload: int) -> int:
+    """The payload receive size to post after a ``payload``-byte payload arrived into (or
+    next to) a receive of ``posted`` bytes. Both ends of a gloo link call this with the
+    same sizes in the same order, so the sender always knows what the receiver posted."""
+    if payload <= posted or payload > PREPOST_MAX:
+        return posted
+    return min(PREPOST_MAX, -(-payload // _PREPOST_STEP) * _PREPOST_STEP)
+
+
+class _Posted:
+    """A receive posted ahead of the message it will hold."""
+
+    __slots__ = ("buffer", "work")
+
+    def __init__(self, nbytes: int, peer: int, group) -> None:
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8)
+        self.work = dist.irecv(self.buffer, peer, group=group)
+
+    def wait(self, timeout: timedelta) -> torch.Tensor:
+        self.work.wait(timeout=timeout)
+        return self.buffer
 
 _live: "weakref.WeakSet[TorchChannel]" = weakref.WeakSet()
 
@@ -90,6 +130,10 @@ class TorchChannel(Channel):
         self._peer = spec.dst_rank if self.is_sender else spec.src_rank
         self._meta, self._data, self._credit = meta, data, credit
         self._data_backend = data_backend
+        self._prepost = data_backend == "gloo"
+        """Gloo data links keep a payload receive posted (see the module docstring)."""
+        self._posted_bytes = config.prepost_bytes
+        """Size of the payload receive posted at the receiver, tracked by both ends."""
         self._config = config
         self._peer_wait = timedelta(seconds=config.peer_timeout_s)
         self._cond = threading.Condition()
@@ -102,14 +146,17 @@ class TorchChannel(Channel):
             self._end_sent = False
             self._send_lock = threading.Lock()
             self._slot = torch.zeros(config.slot_bytes, dtype=torch.uint8)
-            self.sent_by_path = {"inline": 0, "payload": 0, "overflow": 0, "empty": 0}
-            """Messages sent per path (overflow counts the header, the others the payload)."""
+            self.sent_by_path = {"inline": 0, "payload": 0, "overflow": 0, "oversize": 0, "empty": 0}
+            """Messages sent per path: inline / payload / empty say where the payload went;
+            overflow counts headers too big for the slot, oversize payloads too big for
+            the posted receive (each costs one round trip more)."""
             self._start(self._credit_reader, "credits-in")
         else:
             self._queue: deque[Message] = deque()
             self._ended = False
             self._pending_credits = 0
             self._device = torch.device(spec.dst_device)
+            self._posted_data: _Posted | None = None
             self._start(self._slot_reader, "slots-in")
             self._start(self._credit_writer, "credits-out")
         _live.add(self)
@@ -160,32 +207,41 @@ class TorchChannel(Channel):
         inline_at = align_up(_SLOT.size + len(header))
         inline = (not overflow and 0 < total <= self._config.inline_max_bytes
                   and self._data_backend == "gloo" and inline_at + total <= slot_bytes)
-        flags = (_FLAG_OVERFLOW if overflow else 0) | (
-            (_FLAG_INLINE if inline else _FLAG_PAYLOAD) if total else 0)
-        sent_at = time.time()
+        payload = total > 0 and not inline
+        oversize = payload and self._prepost and total > self._posted_bytes
+        flags = ((_FLAG_OVERFLOW if overflow else 0) | (_FLAG_INLINE if inline else 0)
+                 | (_FLAG_PAYLOAD if payload else 0) | (_FLAG_OVERSIZE if oversize else 0))
         slot = self._slot.numpy()
-        _SLOT.pack_into(slot, 0, _SLOT_MAGIC, _SLOT_MSG, flags, 0, len(header), total, sent_at)
-        works, keep = [], []
+        _SLOT.pack_into(slot, 0, _SLOT_MAGIC, _SLOT_MSG, flags, 0, len(header), total, time.time())
+        used = _SLOT.size
+        keep = []  # buffers that must outlive their transfers
         if overflow:
-            extra = torch.frombuffer(bytearray(header), dtype=torch.uint8)
-            keep.append(extra)
+            keep.append(torch.frombuffer(bytearray(header), dtype=torch.uint8))
         else:
             slot[_SLOT.size:_SLOT.size + len(header)] = np.frombuffer(header, dtype=np.uint8)
+            used += len(header)
         if inline:
             flat, _ = pack_tensors(msg.tensors, "cpu", specs)
             self._slot[inline_at:inline_at + total].copy_(flat)
-        works.append(dist.isend(self._slot, self._peer, group=self._meta))
+            used = inline_at + total
+        works = [dist.isend(self._slot[:used], self._peer, group=self._meta)]
         if overflow:
-            works.append(dist.isend(extra, self._peer, group=self._meta))
-        if flags & _FLAG_PAYLOAD:
+            works.append(dist.isend(keep[0], self._peer, group=self._meta))
+        if payload:
             device = self.spec.src_device if self._data_backend == "nccl" else "cpu"
             flat, _ = pack_tensors(msg.tensors, device, specs)
             keep.append(flat)
+            if oversize:
+                works.append(dist.isend(_filler(), self._peer, group=self._data))
             works.append(dist.isend(flat, self._peer, group=self._data))
-        self._wait_all(works, flags & _FLAG_PAYLOAD and self._data_backend == "nccl")
+            if self._prepost:
+                self._posted_bytes = next_prepost(self._posted_bytes, total)
+        self._wait_all(works, payload and self._data_backend == "nccl")
         self.sent_by_path["inline" if inline else "payload" if total else "empty"] += 1
         if overflow:
             self.sent_by_path["overflow"] += 1
+        if oversize:
+            self.sent_by_path["oversize"] += 1
 
     def _wait_all(self, works: list, last_is_nccl: bool) -> None:
         for i, work in enumerate(works):
@@ -243,7 +299,11 @@ class TorchChannel(Channel):
                 return
             self._end_sent = True
             _SLOT.pack_into(self._slot.numpy(), 0, _SLOT_MAGIC, _SLOT_END, 0, 0, 0, 0, time.time())
-            dist.isend(self._slot, self._peer, group=self._meta).wait(timeout=timedelta(seconds=wait_s))
+            works = [dist.isend(self._slot[:_SLOT.size], self._peer, group=self._meta)]
+            if self._prepost:  # completes the payload receive the receiver has posted
+                works.append(dist.isend(_filler(), self._peer, group=self._data))
+            for work in works:
+                work.wait(timeout=timedelta(seconds=wait_s))
         except Exception as e:
             self._fail(f"END to rank {self._peer} failed: {e}")
         finally:
@@ -275,12 +335,23 @@ class TorchChannel(Channel):
 
     def _slot_reader(self) -> None:
         try:
+            slots = _Posted(self._config.slot_bytes, self._peer, self._meta)
+            if self._prepost:
+                self._posted_data = _Posted(self._posted_bytes, self._peer, self._data)
             while True:
-                slot = torch.empty(self._config.slot_bytes, dtype=torch.uint8)
-                dist.irecv(slot, self._peer, group=self._meta).wait(timeout=IDLE_WAIT)
-                msg = self._receive_rest(slot)
-                if msg is None:
+                slot = slots.wait(IDLE_WAIT)
+                magic, kind, flags, _, header_len, total, sent_at = _SLOT.unpack_from(slot.numpy(), 0)
+                if magic != _SLOT_MAGIC or kind not in (_SLOT_MSG, _SLOT_END):
+                    raise HeaderError(f"bad slot frame: magic {bytes(magic)!r}, kind {kind}")
+                if kind == _SLOT_END:
+                    self._take_end_filler()
                     break
+                # An overflow header comes next on the meta group, so the next slot's
+                # receive may only be posted after it.
+                header = self._header(slot, flags, header_len)
+                slots = _Posted(self._config.slot_bytes, self._peer, self._meta)
+                msg = self._assemble(slot, header, flags, header_len, total)
+                self.stats.record_recv(total, (time.time() - sent_at) * 1000.0)
                 with self._cond:
                     if not self._closed:
                         self._queue.append(msg)
@@ -292,47 +363,58 @@ class TorchChannel(Channel):
             self._ended = True
             self._cond.notify_all()
 
-    def _receive_rest(self, slot: torch.Tensor) -> Message | None:
-        """The message whose slot just arrived, or None for END."""
-        view = slot.numpy()
-        magic, kind, flags, _, header_len, total, sent_at = _SLOT.unpack_from(view, 0)
-        if magic != _SLOT_MAGIC or kind not in (_SLOT_MSG, _SLOT_END):
-            raise HeaderError(f"bad slot frame: magic {bytes(magic)!r}, kind {kind}")
-        if kind == _SLOT_END:
-            return None
-        inline_at = align_up(_SLOT.size + header_len)
+    def _header(self, slot: torch.Tensor, flags: int, header_len: int) -> memoryview:
         if flags & _FLAG_OVERFLOW:
             extra = torch.empty(header_len, dtype=torch.uint8)
             dist.irecv(extra, self._peer, group=self._meta).wait(timeout=self._peer_wait)
-            header = extra.numpy().data
-        elif _SLOT.size + header_len <= slot.numel():
-            header = view[_SLOT.size:_SLOT.size + header_len].data
-        else:
+            return extra.numpy().data
+        if _SLOT.size + header_len > slot.numel():
             raise HeaderError(f"slot claims a {header_len}-byte header without overflow")
+        return slot.numpy()[_SLOT.size:_SLOT.size + header_len].data
+
+    def _assemble(self, slot: torch.Tensor, header: memoryview, flags: int, header_len: int,
+                  total: int) -> Message:
+        """The message of an arrived slot, its payload received and its tensors unpacked."""
         msg, specs = decode_header(header)
         if flags & _FLAG_INLINE:
+            inline_at = align_up(_SLOT.size + header_len)
             if inline_at + total > slot.numel():
                 raise HeaderError(f"inline payload of {total} bytes does not fit the slot")
             flat = slot[inline_at:inline_at + total]
         elif flags & _FLAG_PAYLOAD:
-            flat = self._receive_payload(total)
+            flat = self._receive_payload(total, bool(flags & _FLAG_OVERSIZE))
         else:
             flat = torch.empty(0, dtype=torch.uint8)
         if flat.device != self._device:
             flat = flat.to(self._device)
         msg.tensors = unpack_tensors(flat, specs)
-        self.stats.record_recv(total, (time.time() - sent_at) * 1000.0)
         return msg
 
-    def _receive_payload(self, total: int) -> torch.Tensor:
+    def _receive_payload(self, total: int, oversize: bool) -> torch.Tensor:
         if self._data_backend == "nccl":
             flat = torch.empty(total, dtype=torch.uint8, device=self._device)
             dist.irecv(flat, self._peer, group=self._data).wait()
             self._await_cuda(self._device, "receive")
             return flat
-        flat = torch.empty(total, dtype=torch.uint8)
-        dist.irecv(flat, self._peer, group=self._data).wait(timeout=self._peer_wait)
+        if oversize != (total > self._posted_bytes):
+            raise HeaderError(f"payload of {total} bytes {'marked' if oversize else 'not marked'} oversize, "
+                              f"but {self._posted_bytes} bytes are posted")
+        posted = self._posted_data.wait(self._peer_wait)
+        if oversize:  # what arrived was the filler; the payload follows at its exact size
+            flat = torch.empty(total, dtype=torch.uint8)
+            dist.irecv(flat, self._peer, group=self._data).wait(timeout=self._peer_wait)
+        else:
+            flat = posted[:total]
+        self._posted_bytes = next_prepost(self._posted_bytes, total)
+        self._posted_data = _Posted(self._posted_bytes, self._peer, self._data)
         return flat
+
+    def _take_end_filler(self) -> None:
+        """END comes with a filler for the posted payload receive: take it, so no receive
+        is left posted on the group."""
+        if self._posted_data is not None:
+            self._posted_data.wait(self._peer_wait)
+            self._posted_data = None
 
     def _credit_writer(self) -> None:
         buf = torch.zeros(2, dtype=torch.int64)
@@ -417,6 +499,11 @@ def _close_live_channels() -> None:
     for channel in channels:
         if not channel.join(max(0.0, deadline - time.monotonic())):
             log.debug("link %r: background threads still running at exit", channel.name)
+
+
+def _filler() -> torch.Tensor:
+    """One byte sent into a posted payload receive that its message does not use."""
+    return torch.zeros(1, dtype=torch.uint8)
 
 
 def _concise(reason: str) -> str:

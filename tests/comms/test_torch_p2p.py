@@ -19,6 +19,7 @@ from comms.config import TransportConfig
 from comms.errors import ChannelClosed, ChannelTimeout, PeerFailure, TransportError
 from comms.message import Kind, Message
 from comms.links import LinkSpec, create_links
+from comms.torch_p2p import PREPOST_MAX, next_prepost
 from tests.comms.gloo_ranks import GlooWorld
 
 DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
@@ -71,7 +72,9 @@ def _r_order(rank, world, n):
 
 
 def _r_paths(rank, world):
-    config = TransportConfig(slot_bytes=4096, inline_max_bytes=2048)
+    # 1 KiB posted ahead: the 2400 B payload does not fit (oversize) and grows it to 1 MiB;
+    # the first 2 MiB payload is oversize again, the second fits.
+    config = TransportConfig(slot_bytes=4096, inline_max_bytes=2048, prepost_bytes=1024)
     ch = create_links([LinkSpec(name="paths", src_rank=0, dst_rank=1)], config)["paths"]
     messages = [
         Message(kind=Kind.EVENT, meta={"x": 1}),  # empty
@@ -80,6 +83,8 @@ def _r_paths(rank, world):
         Message(kind=Kind.STATUS, meta={"big": "x" * 10000}),  # overflow, no payload
         Message(kind=Kind.STATUS, meta={"big": "y" * 10000}, tensors=[torch.ones(3, 3)]),  # overflow + payload
         Message(kind=Kind.FRAME, tensors=[torch.ones(2, dtype=torch.bool), torch.zeros(0), torch.tensor(7.0)]),
+        Message(kind=Kind.FRAME, tensors=[torch.arange(2**19, dtype=torch.float32)]),  # 2 MiB, oversize
+        Message(kind=Kind.FRAME, tensors=[torch.arange(2**19, dtype=torch.int32)]),  # 2 MiB, fits now
     ]
     if rank == 0:
         for m in messages:
@@ -239,8 +244,17 @@ def test_strict_order_and_exact_bytes_over_200_mixed_messages(world):
 @pytest.mark.timeout(60)
 def test_inline_payload_and_overflow_paths(world):
     sender, receiver = world.run(_r_paths, timeout=30)
-    assert receiver == [True] * 6
-    assert sender == {"inline": 2, "payload": 2, "overflow": 2, "empty": 2}
+    assert receiver == [True] * 8
+    assert sender == {"inline": 2, "payload": 4, "overflow": 2, "oversize": 2, "empty": 2}
+
+
+def test_posted_payload_size_grows_in_whole_mebibytes_up_to_the_cap():
+    assert next_prepost(4096, 100) == 4096
+    assert next_prepost(4096, 4096) == 4096
+    assert next_prepost(4096, 4097) == 2**20
+    assert next_prepost(2**20, 2**20 + 1) == 2**21
+    assert next_prepost(2**21, PREPOST_MAX) == PREPOST_MAX
+    assert next_prepost(2**21, PREPOST_MAX + 1) == 2**21  # too big to keep posted: stays
 
 
 @pytest.mark.timeout(60)
