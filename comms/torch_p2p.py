@@ -100,14 +100,32 @@ def next_prepost(posted: int, payload: int) -> int:
     return min(PREPOST_MAX, -(-payload // _PREPOST_STEP) * _PREPOST_STEP)
 
 
+class _Peer:
+    """The other rank of a two-rank group. Calls the group's own send/recv, which is what
+    ``torch.distributed.isend``/``irecv`` end in, without their per-call argument checks
+    and rank translation: a message makes several of these calls."""
+
+    __slots__ = ("group", "rank")
+
+    def __init__(self, group, global_rank: int) -> None:
+        self.group = group
+        self.rank = dist.get_group_rank(group, global_rank)
+
+    def isend(self, tensor: torch.Tensor):
+        return self.group.send([tensor], self.rank, 0)
+
+    def irecv(self, tensor: torch.Tensor):
+        return self.group.recv([tensor], self.rank, 0)
+
+
 class _Posted:
     """A receive posted ahead of the message it will hold."""
 
     __slots__ = ("buffer", "work")
 
-    def __init__(self, nbytes: int, peer: int, group) -> None:
+    def __init__(self, nbytes: int, peer: _Peer) -> None:
         self.buffer = torch.empty(nbytes, dtype=torch.uint8)
-        self.work = dist.irecv(self.buffer, peer, group=group)
+        self.work = peer.irecv(self.buffer)
 
     def wait(self, timeout: timedelta) -> torch.Tensor:
         self.work.wait(timeout=timeout)
@@ -128,7 +146,7 @@ class TorchChannel(Channel):
         self.spec = spec
         self.is_sender = rank == spec.src_rank
         self._peer = spec.dst_rank if self.is_sender else spec.src_rank
-        self._meta, self._data, self._credit = meta, data, credit
+        self._meta, self._data, self._credit = (_Peer(g, self._peer) for g in (meta, data, credit))
         self._data_backend = data_backend
         self._prepost = data_backend == "gloo"
         """Gloo data links keep a payload receive posted (see the module docstring)."""
@@ -224,16 +242,16 @@ class TorchChannel(Channel):
             flat, _ = pack_tensors(msg.tensors, "cpu", specs)
             self._slot[inline_at:inline_at + total].copy_(flat)
             used = inline_at + total
-        works = [dist.isend(self._slot[:used], self._peer, group=self._meta)]
+        works = [self._meta.isend(self._slot[:used])]
         if overflow:
-            works.append(dist.isend(keep[0], self._peer, group=self._meta))
+            works.append(self._meta.isend(keep[0]))
         if payload:
             device = self.spec.src_device if self._data_backend == "nccl" else "cpu"
             flat, _ = pack_tensors(msg.tensors, device, specs)
             keep.append(flat)
             if oversize:
-                works.append(dist.isend(_filler(), self._peer, group=self._data))
-            works.append(dist.isend(flat, self._peer, group=self._data))
+                works.append(self._data.isend(_filler()))
+            works.append(self._data.isend(flat))
             if self._prepost:
                 self._posted_bytes = next_prepost(self._posted_bytes, total)
         self._wait_all(works, payload and self._data_backend == "nccl")
@@ -269,7 +287,7 @@ class TorchChannel(Channel):
         buf = torch.zeros(2, dtype=torch.int64)
         try:
             while True:
-                dist.irecv(buf, self._peer, group=self._credit).wait(timeout=IDLE_WAIT)
+                self._credit.irecv(buf).wait(timeout=IDLE_WAIT)
                 code, count = buf.tolist()
                 if code == _CREDIT and 0 < count <= self.capacity:
                     with self._cond:
@@ -299,9 +317,9 @@ class TorchChannel(Channel):
                 return
             self._end_sent = True
             _SLOT.pack_into(self._slot.numpy(), 0, _SLOT_MAGIC, _SLOT_END, 0, 0, 0, 0, time.time())
-            works = [dist.isend(self._slot[:_SLOT.size], self._peer, group=self._meta)]
+            works = [self._meta.isend(self._slot[:_SLOT.size])]
             if self._prepost:  # completes the payload receive the receiver has posted
-                works.append(dist.isend(_filler(), self._peer, group=self._data))
+                works.append(self._data.isend(_filler()))
             for work in works:
                 work.wait(timeout=timedelta(seconds=wait_s))
         except Exception as e:
@@ -335,9 +353,9 @@ class TorchChannel(Channel):
 
     def _slot_reader(self) -> None:
         try:
-            slots = _Posted(self._config.slot_bytes, self._peer, self._meta)
+            slots = _Posted(self._config.slot_bytes, self._meta)
             if self._prepost:
-                self._posted_data = _Posted(self._posted_bytes, self._peer, self._data)
+                self._posted_data = _Posted(self._posted_bytes, self._data)
             while True:
                 slot = slots.wait(IDLE_WAIT)
                 magic, kind, flags, _, header_len, total, sent_at = _SLOT.unpack_from(slot.numpy(), 0)
@@ -346,16 +364,20 @@ class TorchChannel(Channel):
                 if kind == _SLOT_END:
                     self._take_end_filler()
                     break
-                # An overflow header comes next on the meta group, so the next slot's
-                # receive may only be posted after it.
-                header = self._header(slot, flags, header_len)
-                slots = _Posted(self._config.slot_bytes, self._peer, self._meta)
-                msg = self._assemble(slot, header, flags, header_len, total)
-                self.stats.record_recv(total, (time.time() - sent_at) * 1000.0)
+                msg = self._assemble(slot, self._header(slot, flags, header_len), flags, header_len, total)
+                hop_ms = (time.time() - sent_at) * 1000.0
                 with self._cond:
                     if not self._closed:
                         self._queue.append(msg)
                         self._cond.notify_all()
+                # The next receives are posted only now, with the message already on its
+                # way to the consumer: posting is a call into gloo that would otherwise
+                # delay every message. (An overflow header, too, had to come first: it
+                # travels on the meta group, where a posted slot receive would take it.)
+                slots = _Posted(self._config.slot_bytes, self._meta)
+                if self._prepost and self._posted_data is None:
+                    self._posted_data = _Posted(self._posted_bytes, self._data)
+                self.stats.record_recv(total, hop_ms)
         except Exception as e:  # gloo errors, a bad header, or a group already destroyed
             self._fail(f"receive from rank {self._peer} failed: {e}")
             return
@@ -366,7 +388,7 @@ class TorchChannel(Channel):
     def _header(self, slot: torch.Tensor, flags: int, header_len: int) -> memoryview:
         if flags & _FLAG_OVERFLOW:
             extra = torch.empty(header_len, dtype=torch.uint8)
-            dist.irecv(extra, self._peer, group=self._meta).wait(timeout=self._peer_wait)
+            self._meta.irecv(extra).wait(timeout=self._peer_wait)
             return extra.numpy().data
         if _SLOT.size + header_len > slot.numel():
             raise HeaderError(f"slot claims a {header_len}-byte header without overflow")
@@ -393,7 +415,7 @@ class TorchChannel(Channel):
     def _receive_payload(self, total: int, oversize: bool) -> torch.Tensor:
         if self._data_backend == "nccl":
             flat = torch.empty(total, dtype=torch.uint8, device=self._device)
-            dist.irecv(flat, self._peer, group=self._data).wait()
+            self._data.irecv(flat).wait()
             self._await_cuda(self._device, "receive")
             return flat
         if oversize != (total > self._posted_bytes):
@@ -402,11 +424,11 @@ class TorchChannel(Channel):
         posted = self._posted_data.wait(self._peer_wait)
         if oversize:  # what arrived was the filler; the payload follows at its exact size
             flat = torch.empty(total, dtype=torch.uint8)
-            dist.irecv(flat, self._peer, group=self._data).wait(timeout=self._peer_wait)
+            self._data.irecv(flat).wait(timeout=self._peer_wait)
         else:
             flat = posted[:total]
         self._posted_bytes = next_prepost(self._posted_bytes, total)
-        self._posted_data = _Posted(self._posted_bytes, self._peer, self._data)
+        self._posted_data = None  # the slot reader posts the next one after handing over
         return flat
 
     def _take_end_filler(self) -> None:
@@ -428,7 +450,7 @@ class TorchChannel(Channel):
                     last = self._closed or self._ended
                     buf[0], buf[1] = (_CLOSED, 0) if last else (_CREDIT, self._pending_credits)
                     self._pending_credits = 0
-                dist.isend(buf, self._peer, group=self._credit).wait(timeout=self._peer_wait)
+                self._credit.isend(buf).wait(timeout=self._peer_wait)
                 if last:
                     return
         except Exception as e:
