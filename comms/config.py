@@ -31,6 +31,11 @@ class TransportConfig:
     """Size of the payload receive a gloo link's receiver keeps posted ahead of time, so
     a payload arrives without first announcing its size (one round trip less). A larger
     payload goes the slow way once and grows the posted size to fit (up to 64 MiB)."""
+    shared_memory: bool = True
+    """Links between two ranks of one node skip gloo: headers and credits go over a Unix
+    socket on the caller's thread, payloads through a shared-memory segment in /dev/shm
+    (two memory copies instead of loopback TCP). Links between nodes and NCCL links are
+    unaffected; false makes every link a gloo link."""
     peer_timeout_s: float = 10.0
     """How long a started transfer (or a credit, once due) may stall before the peer
     counts as failed. Idle links never time out."""
@@ -48,6 +53,8 @@ class TransportConfig:
               f"must be an integer within 0..slot_bytes/2 ({self.slot_bytes // 2}), got {self.inline_max_bytes!r}")
         check(isinstance(self.prepost_bytes, int) and 2**10 <= self.prepost_bytes <= 2**26, "prepost_bytes",
               f"must be an integer within 1024..67108864, got {self.prepost_bytes!r}")
+        check(isinstance(self.shared_memory, bool), "shared_memory",
+              f"must be true or false, got {self.shared_memory!r}")
         check(isinstance(self.peer_timeout_s, (int, float)) and 0.1 <= self.peer_timeout_s <= 3600,
               "peer_timeout_s", f"must be within 0.1..3600 seconds, got {self.peer_timeout_s!r}")
         check(isinstance(self.init_timeout_s, (int, float)) and 1 <= self.init_timeout_s <= 3600,

@@ -41,6 +41,8 @@ _U8U8 = struct.Struct("<BB")
 _U64U64 = struct.Struct("<QQ")
 _U16 = struct.Struct("<H")
 _F64 = struct.Struct("<d")
+_SHAPES = [struct.Struct(f"<{n}q") for n in range(MAX_NDIM + 1)]
+_EMPTY_META = b"{}"
 
 # Codes are part of the wire format: append only, never renumber.
 DTYPE_CODES: dict[torch.dtype, int] = {
@@ -114,7 +116,7 @@ def encode_header(msg: Message, specs: list[TensorSpec] | None = None) -> bytes:
     if not isinstance(msg.meta, dict):
         raise HeaderError(f"meta: expected a dict, got {type(msg.meta).__name__}")
     try:
-        meta = json.dumps(msg.meta, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        meta = json.dumps(msg.meta, separators=(",", ":"), ensure_ascii=False).encode("utf-8") if msg.meta else _EMPTY_META
     except (TypeError, ValueError) as e:
         raise HeaderError(f"meta: not JSON-serialisable: {e}") from None
     if len(specs) > 0xFFFF or len(msg.trace) > 0xFFFF:
@@ -124,7 +126,7 @@ def encode_header(msg: Message, specs: list[TensorSpec] | None = None) -> bytes:
                           len(specs), len(msg.trace), len(session), len(meta), payload_bytes)]
     for s in specs:
         parts.append(_U8U8.pack(DTYPE_CODES[s.dtype], len(s.shape)))
-        parts.append(struct.pack(f"<{len(s.shape)}q", *s.shape))
+        parts.append(_SHAPES[len(s.shape)].pack(*s.shape))
         parts.append(_U64U64.pack(s.nbytes, s.offset))
     parts.append(session)
     for i, entry in enumerate(msg.trace):
@@ -166,7 +168,7 @@ def decode_header(data: bytes | bytearray | memoryview) -> tuple[Message, list[T
             raise HeaderError(f"tensors[{i}]: unknown dtype code {code}")
         if ndim > MAX_NDIM:
             raise HeaderError(f"tensors[{i}]: ndim {ndim} exceeds {MAX_NDIM}")
-        shape_struct = struct.Struct(f"<{ndim}q")
+        shape_struct = _SHAPES[ndim]
         shape = _unpack(shape_struct, buf, pos, f"tensors[{i}].shape")
         pos += shape_struct.size
         nbytes, offset = _unpack(_U64U64, buf, pos, f"tensors[{i}]")
@@ -201,7 +203,7 @@ def decode_header(data: bytes | bytearray | memoryview) -> tuple[Message, list[T
     if pos != len(buf):
         raise HeaderError(f"{len(buf) - pos} trailing bytes after the header's {pos}")
     try:
-        meta = json.loads(meta_raw)
+        meta = {} if meta_raw == "{}" else json.loads(meta_raw)
     except ValueError as e:
         raise HeaderError(f"meta: invalid JSON: {e}") from None
     if not isinstance(meta, dict):

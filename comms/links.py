@@ -8,6 +8,7 @@ called by all ranks. Each rank gets back the ``TorchChannel`` ends it owns.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -15,7 +16,9 @@ import torch
 import torch.distributed as dist
 
 from comms.config import TransportConfig
+from comms.channel import Channel
 from comms.errors import TransportError
+from comms.local_link import connect
 from comms.torch_p2p import TorchChannel
 from runtime.config_loader import check
 
@@ -36,6 +39,9 @@ class LinkSpec:
     """Device of the sending stage ('cpu', 'cuda', 'cuda:1')."""
     dst_device: str = "cpu"
     """Device of the receiving stage; received tensors are placed there."""
+    same_host: bool = False
+    """Both ends run on one host (one torchrun node): the link may then be a
+    ``SocketChannel`` with payloads in shared memory (``TransportConfig.shared_memory``)."""
 
     def __post_init__(self) -> None:
         check(isinstance(self.name, str) and bool(self.name), "name", f"must be a non-empty string, got {self.name!r}")
@@ -65,9 +71,18 @@ def data_backend_for(spec: LinkSpec, config: TransportConfig) -> str:
     return "nccl" if config.backend == "auto" and both_cuda else "gloo"
 
 
-def create_links(specs: list[LinkSpec], config: TransportConfig | None = None) -> dict[str, TorchChannel]:
-    """Create the process groups of every link (collective: all ranks, same ``specs``)
-    and return the channels this rank is an end of, by link name."""
+def is_local(spec: LinkSpec, config: TransportConfig) -> bool:
+    """Whether ``spec`` becomes a ``SocketChannel`` (Unix socket + shared memory) rather
+    than a ``TorchChannel``: both ends on one host, CPU payloads, and allowed by config."""
+    return (spec.same_host and config.shared_memory and sys.platform == "linux"
+            and data_backend_for(spec, config) == "gloo")
+
+
+def create_links(specs: list[LinkSpec], config: TransportConfig | None = None) -> dict[str, Channel]:
+    """Set up every link (collective: all ranks, same ``specs``, same order) and return
+    the channels this rank is an end of, by link name. Same-host links become
+    ``SocketChannel``s (see ``is_local``); the others ``TorchChannel``s, each with three
+    process groups of its own."""
     if not dist.is_available() or not dist.is_initialized():
         raise TransportError("create_links needs torch.distributed initialised (init_process_group) first")
     config = config or TransportConfig()
@@ -85,6 +100,8 @@ def create_links(specs: list[LinkSpec], config: TransportConfig | None = None) -
     init_timeout = timedelta(seconds=config.init_timeout_s)
     channels = {}
     for spec in specs:
+        if is_local(spec, config):
+            continue  # connected below, after every process group exists
         backend = data_backend_for(spec, config)
         ranks = [spec.src_rank, spec.dst_rank]
         meta = dist.new_group(ranks, backend="gloo", timeout=init_timeout)
@@ -94,4 +111,11 @@ def create_links(specs: list[LinkSpec], config: TransportConfig | None = None) -
             channels[spec.name] = TorchChannel(spec, rank=rank, meta=meta, data=data, credit=credit,
                                                data_backend=backend, config=config)
             log.debug("link %r: rank %d -> %d, payloads on %s", spec.name, spec.src_rank, spec.dst_rank, backend)
+    for spec in specs:
+        # Pairwise and in the same order on every rank: each connect waits only for the
+        # other end of this link, which has finished every earlier one (no deadlock).
+        if is_local(spec, config) and rank in (spec.src_rank, spec.dst_rank):
+            channels[spec.name] = connect(spec, rank, config)
+            log.debug("link %r: rank %d -> %d, same host: Unix socket + shared memory",
+                      spec.name, spec.src_rank, spec.dst_rank)
     return channels

@@ -1,0 +1,263 @@
+"""SocketChannel (same-host links: Unix socket + shared memory) across real processes.
+
+The same Channel contract as the gloo links (tests/comms/test_torch_p2p.py): order and
+exact bytes, credits, END and CLOSED, timeouts, a dead peer; plus what is particular to
+this link: payloads in shared memory, growing segments, a fallback when /dev/shm is
+unusable, and nothing left behind in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from comms import shm
+from comms.config import TransportConfig
+from comms.errors import ChannelClosed, ChannelTimeout, PeerFailure, TransportError
+from comms.links import LinkSpec, create_links, is_local
+from comms.local_link import INLINE_MAX
+from comms.message import Kind, Message
+from tests.comms.gloo_ranks import GlooWorld
+from tests.comms.test_torch_p2p import make_message, same_message
+
+
+def local(name: str, src: int = 0, dst: int = 1) -> LinkSpec:
+    return LinkSpec(name=name, src_rank=src, dst_rank=dst, same_host=True)
+
+
+def _shm_files() -> set[str]:
+    return {n for n in os.listdir(shm.SHM_DIR) if n.startswith("mindmirror-")}
+
+
+def _r_order_and_paths(rank, world, shm_dir):
+    """Mixed messages in order, byte for byte; the segment grows twice on the way.
+    ``shm_dir`` None: /dev/shm; else a folder that does not exist (no shared memory)."""
+    default_dir = shm.SHM_DIR
+    if shm_dir is not None:
+        shm.SHM_DIR = shm_dir  # this rank only: the sender cannot create segments
+    try:
+        return _order_and_paths(rank)
+    finally:
+        shm.SHM_DIR = default_dir  # the world's processes run later tests too
+
+
+def _order_and_paths(rank):
+    ch = create_links([local("same#0->host#0")])["same#0->host#0"]
+    messages = [make_message(i) for i in range(60)]
+    messages += [Message(kind=Kind.FRAME, frame_id=100 + i, tensors=[torch.full((n,), i, dtype=torch.uint8)])
+                 for i, n in enumerate([3 * 2**20, 100_000, 5 * 2**20 + 1, 70_000, INLINE_MAX, 0])]
+    if rank == 0:
+        for m in messages:
+            ch.send(m, timeout=10)
+        ch.close()
+        joined = ch.join(10)
+        return {"kind": type(ch).__name__, "paths": dict(ch.sent_by_path), "off": ch._shm.off_reason,
+                "joined": joined}
+    ok = [same_message(ch.recv(timeout=10), m) for m in messages]
+    with pytest.raises(ChannelClosed):
+        ch.recv(timeout=5)
+    return {"ok": ok, "received": ch.stats.messages_received}
+
+
+def _r_backpressure(rank, world):
+    ch = create_links([local("bp")], TransportConfig(link_capacity=3))["bp"]
+    if rank == 0:
+        for i in range(3):
+            ch.send(make_message(i), timeout=5)
+        out = {"credits_full": ch.credits()}
+        t = time.monotonic()
+        with pytest.raises(ChannelTimeout):
+            ch.send(make_message(3), timeout=0)
+        with pytest.raises(ChannelTimeout):
+            ch.send(make_message(3), timeout=0.3)
+        out["waited"] = time.monotonic() - t
+        dist.barrier()  # the receiver starts consuming only now
+        t = time.monotonic()
+        ch.send(make_message(3), timeout=5)
+        out["unblocked_after"] = time.monotonic() - t
+        out["credits_after"] = ch.credits()
+        dist.barrier()
+        ch.close()
+        return out
+    dist.barrier()
+    ids = [ch.recv(timeout=5).frame_id]
+    dist.barrier()
+    ids += [ch.recv(timeout=5).frame_id for _ in range(3)]
+    return {"ids": ids}
+
+
+def _r_close(rank, world):
+    links = create_links([local("end"), local("stop")])
+    end, stop = links["end"], links["stop"]
+    if rank == 0:
+        for i in range(3):
+            end.send(make_message(i), timeout=5)
+        t = time.monotonic()
+        end.close()
+        end.close()
+        close_s = time.monotonic() - t
+        with pytest.raises(ChannelClosed):
+            end.send(make_message(9), timeout=1)
+        t = time.monotonic()
+        while True:  # "stop": the receiver closes; the sender learns it
+            try:
+                stop.send(Message(kind=Kind.EVENT), timeout=5)
+            except ChannelClosed:
+                break
+        return {"close_s": close_s, "stop_noticed_s": time.monotonic() - t, "credits": stop.credits(),
+                "joined": end.join(5) and stop.join(5)}
+    time.sleep(0.3)
+    ids = [end.recv(timeout=5).frame_id for _ in range(3)]
+    with pytest.raises(ChannelClosed):
+        end.recv(timeout=5)
+    with pytest.raises(ChannelClosed):
+        end.recv(timeout=0)  # and again: END is remembered
+    stop.recv(timeout=5)
+    stop.close()
+    with pytest.raises(ChannelClosed):
+        stop.recv(timeout=0)
+    with pytest.raises(TransportError):
+        end.send(make_message(0))
+    return {"ids": ids, "joined": end.join(5) and stop.join(5)}
+
+
+def _r_idle_and_woken(rank, world):
+    """An idle receiver times out cleanly again and again; a recv blocked with no
+    timeout returns ChannelClosed when another thread closes the link."""
+    links = create_links([local("idle"), local("woken")])
+    if rank == 0:
+        time.sleep(1.2)
+        links["idle"].send(make_message(5), timeout=5)
+        links["idle"].close()
+        dist.barrier()
+        links["woken"].close()
+        return None
+    timeouts = 0
+    while True:
+        try:
+            msg = links["idle"].recv(timeout=0.2)
+            break
+        except ChannelTimeout:
+            timeouts += 1
+    errors = []
+
+    def blocked():
+        try:
+            links["woken"].recv()
+        except ChannelClosed as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=blocked)
+    thread.start()
+    time.sleep(0.2)
+    t = time.monotonic()
+    links["woken"].close()
+    thread.join(5)
+    dist.barrier()
+    return {"timeouts": timeouts, "ok": same_message(msg, make_message(5)),
+            "woken": bool(errors) and not thread.is_alive(), "woken_s": time.monotonic() - t}
+
+
+def _r_kill(rank, world):
+    links = create_links([local("a", 1, 0), local("b", 0, 1), local("c", 2, 0)])
+    if rank == 1:
+        for i in range(5):
+            links["a"].send(make_message(i), timeout=5)
+        links["b"].recv(timeout=5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if rank == 2:
+        for i in range(20):
+            links["c"].send(make_message(i), timeout=10)
+            time.sleep(0.02)
+        links["c"].close()
+        return None
+    links["b"].send(make_message(0), timeout=5)
+    got = [links["a"].recv(timeout=5).frame_id for _ in range(5)]
+    t = time.monotonic()
+    with pytest.raises(PeerFailure):
+        links["a"].recv(timeout=30)
+    recv_noticed = time.monotonic() - t
+    t = time.monotonic()
+    with pytest.raises(PeerFailure):
+        for i in range(10):
+            links["b"].send(make_message(i), timeout=30)
+    send_noticed = time.monotonic() - t
+    healthy = [links["c"].recv(timeout=10).frame_id for _ in range(20)]
+    return {"got": got, "recv_noticed": recv_noticed, "send_noticed": send_noticed, "healthy": healthy}
+
+
+# ------------------------------------------------------------------------ tests
+
+@pytest.fixture(scope="module")
+def world():
+    with GlooWorld(2) as w:
+        yield w
+
+
+def test_only_same_host_cpu_links_allowed_by_config_are_local():
+    assert is_local(local("x"), TransportConfig())
+    assert not is_local(LinkSpec(name="x", src_rank=0, dst_rank=1), TransportConfig())
+    assert not is_local(local("x"), TransportConfig(shared_memory=False))
+    cuda = LinkSpec(name="x", src_rank=0, dst_rank=1, src_device="cuda:0", dst_device="cuda:1", same_host=True)
+    assert not is_local(cuda, TransportConfig())  # NCCL carries it
+    assert is_local(cuda, TransportConfig(backend="gloo"))  # staged through host memory anyway
+
+
+@pytest.mark.timeout(60)
+def test_messages_arrive_in_order_byte_exact_with_payloads_in_shared_memory(world):
+    before = _shm_files()
+    sender, receiver = world.run(_r_order_and_paths, None, timeout=50)
+    assert sender["kind"] == "SocketChannel" and sender["off"] is None and sender["joined"]
+    assert all(receiver["ok"]) and receiver["received"] == 66
+    paths = sender["paths"]
+    assert paths["shm"] >= 20 and paths["inline"] > 0 and paths["empty"] > 0 and paths["socket"] == 0
+    assert _shm_files() == before  # every segment unlinked
+
+
+@pytest.mark.timeout(60)
+def test_without_shared_memory_payloads_travel_in_the_socket(world, tmp_path):
+    sender, receiver = world.run(_r_order_and_paths, str(tmp_path / "missing"), timeout=50)
+    assert all(receiver["ok"])
+    assert "cannot create" in sender["off"]
+    assert sender["paths"]["shm"] == 0 and sender["paths"]["socket"] >= 20
+
+
+@pytest.mark.timeout(60)
+def test_credits_bound_messages_in_flight_and_send_times_out(world):
+    sender, receiver = world.run(_r_backpressure, timeout=30)
+    assert sender["credits_full"] == 0
+    assert 0.25 <= sender["waited"] < 2.0
+    assert sender["unblocked_after"] < 2.0
+    assert receiver["ids"] == [0, 1, 2, 3]
+
+
+@pytest.mark.timeout(60)
+def test_end_and_receiver_close_surface_channel_closed(world):
+    sender, receiver = world.run(_r_close, timeout=30)
+    assert receiver["ids"] == [0, 1, 2] and receiver["joined"]
+    assert sender["close_s"] < 1.0 and sender["stop_noticed_s"] < 5.0
+    assert sender["credits"] == 0 and sender["joined"]
+
+
+@pytest.mark.timeout(60)
+def test_idle_link_times_out_cleanly_and_close_wakes_a_blocked_recv(world):
+    _, receiver = world.run(_r_idle_and_woken, timeout=30)
+    assert receiver["ok"] and receiver["timeouts"] >= 3
+    assert receiver["woken"] and receiver["woken_s"] < 2.0
+
+
+@pytest.mark.timeout(90)
+def test_killed_peer_surfaces_peer_failure_at_once_and_other_links_survive():
+    with GlooWorld(3) as w:
+        results = w.run(_r_kill, timeout=60, expect_exit={1})
+    r0 = results[0]
+    assert r0["got"] == [0, 1, 2, 3, 4]
+    assert r0["recv_noticed"] < 2.0 and r0["send_noticed"] < 2.0
+    assert r0["healthy"] == list(range(20))
+
