@@ -8,7 +8,8 @@
     flow:       queueing at the pipeline's entrance (FlowConfig)
     runtime:    the initial live settings the page can change (RuntimeSettings)
     presets:    named partial live settings (``preset.apply``)
-    ingest / vision / generator / display: each stage kind's own section
+    ingest / vision / generator / display / synthetic: each stage kind's own section
+                (a stage's ``options`` override fields of it for that stage alone)
 
 Every default lives on a dataclass field; a file only states what differs. Unknown
 keys and bad values stop the job before anything starts, naming the field.
@@ -24,15 +25,16 @@ from typing import Any
 import yaml
 
 from comms.config import TransportConfig
-from runtime.config_loader import ConfigError, build, check, check_choice, check_range
+from runtime.config_loader import ConfigError, build, check, check_choice, check_range, to_dict
 from runtime.control import ControlConfig
 from runtime.live_config import LiveConfig, RuntimeSettings
-from runtime.pipeline_config import PipelineConfig
+from runtime.pipeline_config import PipelineConfig, StageSpec
 from runtime.registry import STAGE_KINDS
 from stages.display import DisplayConfig
 from stages.generator.stage import GeneratorConfig
 from stages.ingest import IngestConfig
 from stages.server.config import ServerConfig
+from stages.synthetic import SyntheticConfig
 from stages.vision.config import VisionConfig
 
 
@@ -82,11 +84,16 @@ class MirrorConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     display: DisplayConfig = field(default_factory=DisplayConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
         stages = self.pipeline.stages
         for i, spec in enumerate(stages):
             check_choice(spec.kind, f"pipeline.stages[{i}].kind", sorted(STAGE_KINDS))
+            try:
+                self.stage_config(spec)
+            except ConfigError as e:
+                raise e.under(f"pipeline.stages[{i}].options") from None
         # Browsers talk to rank 0 only, so frames enter and leave the pipeline there.
         check(stages[0].placement == "server", "pipeline.stages[0].placement",
               f"the first stage ({stages[0].name}) receives browser frames and must be 'server'")
@@ -94,8 +101,13 @@ class MirrorConfig:
               f"the last stage ({stages[-1].name}) returns frames to browsers and must be 'server'")
         LiveConfig(self.runtime, self.presets)  # validates every preset against the settings
 
-    def stage_config(self, kind: str) -> Any:
-        return getattr(self, kind)
+    def stage_config(self, spec: StageSpec) -> Any:
+        """The config one stage runs with: its kind's section, with the fields named in the
+        stage's ``options`` replaced for this stage alone (and the section's rules re-checked)."""
+        section = getattr(self, spec.kind)
+        if not spec.options:
+            return section
+        return build(STAGE_KINDS[spec.kind].Config, {**to_dict(section), **spec.options})
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> MirrorConfig:

@@ -12,6 +12,12 @@ replicas it runs and where they may go; ``runtime.planner.plan`` turns that into
         - {name: generator, replicas: auto, max_batch: 4, batch_wait_ms: 5}
         - {name: display, placement: server}
 
+A stage may also override fields of its kind's config section for itself alone with
+``options`` (``runtime.config.MirrorConfig`` checks them against that section), e.g. two
+stages of one kind with different costs:
+
+        - {name: slow, kind: synthetic, options: {cost_ms: 40}}
+
 Only rules that need no world size live here; the planner checks the rest (node and rank
 ranges, enough ranks, GPUs).
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from runtime.config_loader import ConfigError, check, check_choice, check_range
 
@@ -70,6 +77,10 @@ class StageSpec:
     """How this stage's outputs are spread over the next stage's replicas: 'round_robin'
     (take turns), 'least_loaded' (fewest messages in flight) or 'session' (every frame of
     one browser session goes to the same replica, for a next stage with per-session state)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Fields of the kind's config section (the top-level section named like ``kind``)
+    that this stage alone uses instead, e.g. ``{cost_ms: 40}`` for one synthetic stage of
+    several. Checked against that section's fields and rules when the config loads."""
 
     def __post_init__(self) -> None:
         _check_name(self.name, "name")

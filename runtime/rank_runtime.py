@@ -98,13 +98,18 @@ class RankRuntime:
                 if link.src_rank == self.rank:
                     self.channels[link.name] = InProcessChannel(link.name, capacity)
             else:
-                remote_specs.append(_spec(link.name, link.src_rank, link.dst_rank,
-                                          link.src_device, link.dst_device))
+                remote_specs.append(self._spec(link.name, link.src_rank, link.dst_rank,
+                                               link.src_device, link.dst_device))
         if self.distributed:
             for r in range(1, self.plan.world_size):
-                remote_specs.append(_spec(f"ctl:0->{r}", 0, r, "cpu", "cpu"))
-                remote_specs.append(_spec(f"status:{r}->0", r, 0, "cpu", "cpu"))
+                remote_specs.append(self._spec(f"ctl:0->{r}", 0, r))
+                remote_specs.append(self._spec(f"status:{r}->0", r, 0))
             self.channels.update(create_links(remote_specs, self._link_transport()))
+
+    def _spec(self, name: str, src: int, dst: int, src_device: str = "cpu", dst_device: str = "cpu") -> LinkSpec:
+        same_host = self.plan.ranks[src].node == self.plan.ranks[dst].node
+        return LinkSpec(name=name, src_rank=src, dst_rank=dst, src_device=src_device, dst_device=dst_device,
+                        same_host=same_host)
 
     def _link_transport(self) -> TransportConfig:
         """The transport config the links get: the plan decides whether NCCL may be used
@@ -146,7 +151,7 @@ class RankRuntime:
                                    device=torch.device(placement.device),
                                    logger=logging.getLogger(f"stages.{name}"),
                                    runtime=self.live.get, publish_event=self._publish_event)
-            stage = STAGE_KINDS[spec.kind](self.config.stage_config(spec.kind), context)
+            stage = STAGE_KINDS[spec.kind](self.config.stage_config(spec), context)
             self.metrics[name] = StageMetrics(name)
             self.runners.append(StageRunner(
                 name=name, stage=stage, inputs=inputs,
@@ -319,7 +324,3 @@ def _drain(channel: Channel, deadline: float) -> None:
             continue
         except TransportError:  # ChannelClosed (END) or a broken link: nothing more comes
             return
-
-
-def _spec(name: str, src: int, dst: int, src_device: str, dst_device: str) -> LinkSpec:
-    return LinkSpec(name=name, src_rank=src, dst_rank=dst, src_device=src_device, dst_device=dst_device)

@@ -2,7 +2,8 @@
 
 Each kind names its stage class and the top-level config section holding its
 settings (the section has the kind's name: ``vision:`` configures every vision
-replica). Adding a stage = one class with a ``Config`` + one line here.
+replica; a stage's ``options`` override fields of it for that stage alone). Adding a
+stage = one class with a ``Config`` + one line here + its section on ``MirrorConfig``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from stages.base import Stage
 from stages.display import DisplayStage
 from stages.generator.stage import GeneratorStage
 from stages.ingest import IngestStage
+from stages.synthetic import SyntheticStage
 from stages.vision.stage import VisionStage
 
 STAGE_KINDS: dict[str, type[Stage]] = {
@@ -18,4 +20,5 @@ STAGE_KINDS: dict[str, type[Stage]] = {
     "vision": VisionStage,
     "generator": GeneratorStage,
     "display": DisplayStage,
+    "synthetic": SyntheticStage,
 }

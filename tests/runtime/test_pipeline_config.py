@@ -122,3 +122,16 @@ def test_stage_lookup():
     assert config.stage("vision").name == "vision"
     with pytest.raises(KeyError, match="no stage named 'audio'"):
         config.stage("audio")
+
+
+def test_stage_options_default_empty_and_round_trip():
+    assert build(StageSpec, {"name": "vision"}).options == {}
+    config = build(PipelineConfig, stages({"name": "ingest", "placement": "server"},
+                                          {"name": "s1", "kind": "synthetic", "options": {"cost_ms": 40}}))
+    assert config.stages[1].options == {"cost_ms": 40}
+    assert build(PipelineConfig, to_dict(config)) == config
+
+
+def test_stage_options_must_be_a_mapping():
+    with pytest.raises(ConfigError, match=r"^pipeline\.stages\[0\]\.options: expected a mapping, got \[1\]$"):
+        build(PipelineConfig, stages({"name": "s1", "options": [1]}), "pipeline")
