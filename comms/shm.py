@@ -28,7 +28,6 @@ import re
 import secrets
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from comms.errors import HeaderError
@@ -113,6 +112,7 @@ class SegmentReader:
     def __init__(self) -> None:
         self.segment: Segment | None = None
         self._map: mmap.mmap | None = None
+        self._bytes: torch.Tensor | None = None
 
     def open(self, segment: Segment) -> None:
         if not _NAME.fullmatch(segment.name):
@@ -120,18 +120,19 @@ class SegmentReader:
         if segment.chunk_bytes <= 0 or segment.chunks <= 0:
             raise HeaderError(f"shared-memory segment {segment} has no room")
         path = os.path.join(SHM_DIR, segment.name)
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDWR)  # read-write only so torch can view it without a warning
         try:
             size = os.fstat(fd).st_size
             if size < segment.chunk_bytes * segment.chunks:
                 raise HeaderError(f"shared-memory segment {segment.name} has {size} bytes, "
                                   f"announced {segment.chunks} x {segment.chunk_bytes}")
-            new_map = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+            new_map = mmap.mmap(fd, size)
         finally:
             os.close(fd)
             _unlink_quietly(segment.name)  # mapped now: the name is not needed any more
         self.close()
         self._map, self.segment = new_map, segment
+        self._bytes = torch.frombuffer(new_map, dtype=torch.uint8)
 
     def take(self, chunk: int, nbytes: int) -> torch.Tensor:
         """A private copy of the ``nbytes`` payload in ``chunk``."""
@@ -140,13 +141,11 @@ class SegmentReader:
         if not 0 <= chunk < self.segment.chunks or nbytes > self.segment.chunk_bytes:
             raise HeaderError(f"shared-memory payload of {nbytes} bytes in chunk {chunk} does not fit "
                               f"{self.segment.chunks} x {self.segment.chunk_bytes}")
-        out = torch.empty(nbytes, dtype=torch.uint8)
-        # torch.frombuffer warns on a read-only mapping; numpy's view copies just as fast.
-        out.numpy()[:] = np.frombuffer(self._map, dtype=np.uint8, count=nbytes,
-                                       offset=chunk * self.segment.chunk_bytes)
-        return out
+        start = chunk * self.segment.chunk_bytes
+        return self._bytes[start:start + nbytes].clone()
 
     def close(self) -> None:
+        self._bytes = None  # exports the mapping's buffer: it must go before the mapping
         if self._map is not None:
             self._map.close()
             self._map = None

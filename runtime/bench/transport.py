@@ -38,6 +38,7 @@ import grpc
 import torch
 
 from comms.config import TransportConfig
+from comms.local_link import INLINE_MAX
 from runtime.bench import report, stats
 from runtime.bench.options import BenchOptions
 from runtime.bench.progress import Progress
@@ -207,13 +208,14 @@ def notes_of(plan: Plan) -> list[str]:
         f"2 processes (torch.multiprocessing spawn) on 127.0.0.1, gloo, one torch thread each, alive for the "
         f"whole section; torch {torch.__version__}, grpcio {grpc.__version__}, Python {sys.version.split()[0]}, "
         f"{os.cpu_count()} CPU cores.",
-        f"channel: TorchChannel with TransportConfig defaults (capacity {config.link_capacity}, "
-        f"{config.slot_bytes}-byte header slot, payloads up to {config.inline_max_bytes} B inline), one link per "
-        "direction, a Message with one tensor, built as the runtime builds a link between two ranks of one node "
-        "(comms.local_link.SocketChannel: header and credits over a Unix socket on the caller's thread, payloads "
-        "above 16 KB through shared memory). channel_gloo: the link the runtime builds between two nodes "
-        "(comms.torch_p2p.TorchChannel: header slot, payload and credits on gloo), run here on one host. Targets are judged on channel. raw: blocking dist.send/recv of the bare tensor into a buffer "
-        "allocated beforehand, no header, no flow control.",
+        f"channel: our channel with TransportConfig defaults (capacity {config.link_capacity}), one link per "
+        "direction, a Message with one tensor, built as the runtime builds a link between two ranks of one node: "
+        f"comms.local_link.SocketChannel (header and credits over a Unix socket on the caller's thread, payloads "
+        f"above {INLINE_MAX} B through shared memory). channel_gloo: the link the runtime builds between two "
+        f"nodes, run here on one host: comms.torch_p2p.TorchChannel (gloo; {config.slot_bytes}-byte header slot, "
+        f"payloads up to {config.inline_max_bytes} B inline, larger ones on a data group). Targets are judged "
+        "on channel. raw: blocking dist.send/recv of the bare tensor into a buffer allocated beforehand, no "
+        "header, no flow control.",
         "grpc: generic handlers on bytes, tensor.numpy().tobytes() and torch.frombuffer on both ends in the timed "
         "path; float payloads travel as float32 bytes, the 720p frame as its uint8 bytes (not widened).",
         f"mp_queue: multiprocessing.Queue(maxsize={config.link_capacity}) carrying the tensor's numpy array "
