@@ -1,7 +1,8 @@
 """The one transport interface every stage talks through.
 
 A ``Channel`` is one directed link between two stage endpoints. Contract, shared by
-the in-process and torch.distributed implementations:
+the in-process (``comms.inprocess``), same-host (``comms.local_link``) and
+torch.distributed (``comms.torch_p2p``) implementations:
 
 * ``send(msg, timeout)`` blocks until the link has a free credit (at most ``capacity``
   messages in flight: sent but not yet taken by ``recv`` on the far side), then hands
@@ -13,7 +14,7 @@ the in-process and torch.distributed implementations:
   when the peer sent END, ``PeerFailure`` when the peer died or stalled past the
   liveness limit. Never hangs silently.
 * ``close()`` may be called any number of times and returns within a bounded time (a
-  torch link waits at most a couple of seconds for its END to go out). After the sending
+  link between ranks waits at most a couple of seconds for its END to go out). After the sending
   end closes, the receiver still gets every message sent, then ``ChannelClosed``; after
   the receiving end closes, messages not yet taken may be discarded.
 """

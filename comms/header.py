@@ -145,6 +145,16 @@ def encode_header(msg: Message, specs: list[TensorSpec] | None = None) -> bytes:
     return b"".join(parts)
 
 
+def encode_for_send(link: str, msg: Message) -> tuple[list[TensorSpec], int, bytes]:
+    """What a cross-rank ``send`` needs of ``msg``: its tensor layout, payload size and
+    encoded header. Checks everything first, so a malformed message fails before the
+    send takes a credit (``TypeError`` for a non-message, ``HeaderError`` otherwise)."""
+    if not isinstance(msg, Message):
+        raise TypeError(f"link {link!r}: send expects a Message, got {type(msg).__name__}")
+    specs, total = layout(msg.tensors)
+    return specs, total, encode_header(msg, specs)
+
+
 def decode_header(data: bytes | bytearray | memoryview) -> tuple[Message, list[TensorSpec]]:
     """The message (without tensors) and tensor specs in ``data``; ``HeaderError`` if malformed."""
     buf = memoryview(data).cast("B")

@@ -1,8 +1,9 @@
-"""Declaring the links between ranks and creating their process groups.
+"""Declaring the links between ranks and setting them up.
 
 ``create_links`` is collective: every rank calls it with the same list of
 ``LinkSpec``s, in the same order, because ``torch.distributed.new_group`` must be
-called by all ranks. Each rank gets back the ``TorchChannel`` ends it owns.
+called by all ranks. Each rank gets back the channel ends it owns: a ``SocketChannel``
+for a link within one host (``is_local``), a ``TorchChannel`` otherwise.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ import torch.distributed as dist
 from comms.channel import Channel, LinkStats
 from comms.config import TransportConfig
 from comms.errors import ChannelClosed, ChannelTimeout, HeaderError, PeerFailure, TransportError
-from comms.header import TensorSpec, align_up, decode_header, encode_header, layout, pack_tensors, unpack_tensors
+from comms.header import TensorSpec, align_up, decode_header, encode_for_send, pack_tensors, unpack_tensors
 from comms.inprocess import deadline_of, remaining
 from comms.message import Message
 
@@ -184,11 +184,8 @@ class TorchChannel(Channel):
     def send(self, msg: Message, timeout: float | None = None) -> None:
         if not self.is_sender:
             raise TransportError(f"link {self.name!r}: rank {self.spec.dst_rank} is the receiving end")
-        if not isinstance(msg, Message):
-            raise TypeError(f"link {self.name!r}: send expects a Message, got {type(msg).__name__}")
         deadline = deadline_of(timeout)
-        specs, total = layout(msg.tensors)
-        header = encode_header(msg, specs)  # malformed messages fail before spending a credit
+        specs, total, header = encode_for_send(self.name, msg)
         started = time.monotonic()
         with self._cond:
             has_credit = self._cond.wait_for(

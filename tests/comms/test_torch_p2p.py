@@ -1,4 +1,6 @@
-"""TorchChannel across real gloo ranks (spawned processes, no mocks).
+"""TorchChannel across real gloo ranks (spawned processes, no mocks); the contract tests
+marked ``same_host`` run on the same-host SocketChannel as well (its own particulars are
+in test_local_link.py).
 
 Rank functions (``_r_*``) run on every rank of a ``GlooWorld``; the tests assert on
 what they return. One two-rank world is shared by most tests to keep spawn costs down;
@@ -144,8 +146,9 @@ def _r_opposite(rank, world, n):
     return ok
 
 
-def _r_close(rank, world):
-    links = create_links([LinkSpec(name="end", src_rank=0, dst_rank=1), LinkSpec(name="stop", src_rank=0, dst_rank=1)])
+def _r_close(rank, world, same_host):
+    links = create_links([LinkSpec(name="end", src_rank=0, dst_rank=1, same_host=same_host),
+                          LinkSpec(name="stop", src_rank=0, dst_rank=1, same_host=same_host)])
     end, stop = links["end"], links["stop"]
     if rank == 0:
         for i in range(3):
@@ -196,9 +199,10 @@ def _r_idle(rank, world, idle_s):
     return {"waited": time.monotonic() - t, "timeouts": timeouts, "ok": same_message(msg, make_message(5))}
 
 
-def _r_kill(rank, world):
-    links = create_links([LinkSpec(name="a", src_rank=1, dst_rank=0), LinkSpec(name="b", src_rank=0, dst_rank=1),
-                          LinkSpec(name="c", src_rank=2, dst_rank=0)])
+def _r_kill(rank, world, same_host):
+    links = create_links([LinkSpec(name="a", src_rank=1, dst_rank=0, same_host=same_host),
+                          LinkSpec(name="b", src_rank=0, dst_rank=1, same_host=same_host),
+                          LinkSpec(name="c", src_rank=2, dst_rank=0, same_host=same_host)])
     if rank == 1:
         for i in range(5):
             links["a"].send(make_message(i), timeout=5)
@@ -273,8 +277,9 @@ def test_opposite_links_on_one_pair_run_concurrently(world):
 
 
 @pytest.mark.timeout(60)
-def test_end_and_receiver_close_surface_channel_closed(world):
-    sender, receiver = world.run(_r_close, timeout=30)
+@pytest.mark.parametrize("same_host", [False, True], ids=["gloo", "same-host"])
+def test_end_and_receiver_close_surface_channel_closed(world, same_host):
+    sender, receiver = world.run(_r_close, same_host, timeout=30)
     assert receiver["ids"] == [0, 1, 2] and receiver["joined"]
     assert sender["close_s"] < 2.0
     assert sender["stop_noticed_s"] < 3.0 and sender["credits"] == 0 and sender["joined"]
@@ -287,9 +292,10 @@ def test_idle_link_does_not_error(world):
 
 
 @pytest.mark.timeout(60)
-def test_killed_peer_surfaces_peer_failure_quickly_and_other_links_survive():
+@pytest.mark.parametrize("same_host", [False, True], ids=["gloo", "same-host"])
+def test_killed_peer_surfaces_peer_failure_quickly_and_other_links_survive(same_host):
     with GlooWorld(3) as w:
-        survivor, _, _ = w.run(_r_kill, timeout=40, expect_exit={1})
+        survivor, _, _ = w.run(_r_kill, same_host, timeout=40, expect_exit={1})
     assert survivor["got"] == [0, 1, 2, 3, 4]
     assert survivor["recv_noticed"] < 3.0
     assert survivor["send_noticed"] < 3.0
