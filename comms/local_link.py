@@ -179,14 +179,16 @@ class SocketChannel(Channel):
         (None: until one arrives) when none is there yet."""
         if self._peer_gone:
             return
-        try:
-            data = self._sock.recv(4096)
-        except BlockingIOError:
-            if wait is not None and wait <= 0 or not self._poll(self._readable, wait):
-                return
-            data = self._recv_after_poll()
-        except OSError as e:
-            raise PeerFailure(self._fail(f"rank {self._peer} failed: {e}")) from None
+        for attempt in (1, 2):
+            try:
+                data = self._sock.recv(4096)
+                break
+            except BlockingIOError:
+                # Nothing yet: wait once; woken without data, the caller looks again.
+                if attempt == 2 or wait is not None and wait <= 0 or not self._poll(self._readable, wait):
+                    return
+            except OSError as e:
+                raise PeerFailure(self._fail(f"rank {self._peer} failed: {e}")) from None
         if not data:
             self._peer_gone = True
             if not self._peer_closed:
@@ -224,14 +226,6 @@ class SocketChannel(Channel):
         self._sent += 1
         path = "shm" if placed else ("inline" if total <= INLINE_MAX else "socket") if total else "empty"
         self.sent_by_path[path] += 1
-
-    def _recv_after_poll(self) -> bytes:
-        try:
-            return self._sock.recv(4096)
-        except BlockingIOError:
-            return b""  # poll said readable: an error or hang-up; the caller sees "gone"
-        except OSError as e:
-            raise PeerFailure(self._fail(f"rank {self._peer} failed: {e}")) from None
 
     def _send_all(self, buffers: list) -> None:
         """Write every byte of ``buffers`` (OSError if the socket breaks); the receiver
