@@ -268,7 +268,7 @@ class SocketChannel(Channel):
                 raise PeerFailure(self._fail(f"protocol error: frame kind {kind} from rank {self._peer}"))
             try:
                 msg = self._read_message(flags, chunk, header_len, total)
-            except HeaderError as e:
+            except (HeaderError, OSError) as e:  # OSError: an announced segment that cannot be opened
                 raise PeerFailure(self._fail(f"bad frame from rank {self._peer}: {e}")) from None
             self._write_back(_CREDIT, 1)
         self.stats.record_recv(total, (time.time() - sent_at) * 1000.0)

@@ -9,6 +9,7 @@ link kinds in test_torch_p2p.py.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 
@@ -18,9 +19,10 @@ import torch.distributed as dist
 
 from comms import shm
 from comms.config import TransportConfig
-from comms.errors import ChannelClosed, ChannelTimeout
+from comms.errors import ChannelClosed, ChannelTimeout, PeerFailure
 from comms.links import LinkSpec, create_links, is_local
-from comms.local_link import INLINE_MAX
+from comms.header import encode_header
+from comms.local_link import _ANNOUNCE, _FRAME, _SHM, _SHM_NEW, INLINE_MAX, SocketChannel
 from comms.message import Kind, Message
 from tests.comms.gloo_ranks import GlooWorld
 from tests.comms.test_torch_p2p import make_message, same_message
@@ -178,3 +180,55 @@ def test_idle_link_times_out_cleanly_and_close_wakes_a_blocked_recv(world):
     _, receiver = world.run(_r_idle_and_woken, timeout=30)
     assert receiver["ok"] and receiver["timeouts"] >= 3
     assert receiver["woken"] and receiver["woken_s"] < 2.0
+
+
+# ------------------------------------------------ one process, a socket pair: bad frames
+
+def socket_pair() -> tuple[SocketChannel, SocketChannel, socket.socket]:
+    """Sender and receiver ends joined by a socketpair, plus a raw handle on the sender's
+    socket for writing hand-made frames."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    spec, config = local("pair"), TransportConfig(peer_timeout_s=1.0)
+    return SocketChannel(spec, a, is_sender=True, config=config), SocketChannel(spec, b, is_sender=False,
+                                                                               config=config), a
+
+
+def raw_frame(kind: int, flags: int = 0, header: bytes = b"", extra: bytes = b"", total: int = 0) -> bytes:
+    return _FRAME.pack(kind, flags, 0, len(header), total, time.time()) + header + extra
+
+
+def test_a_frame_naming_a_segment_that_does_not_exist_fails_the_link_clearly():
+    sender, receiver, raw = socket_pair()
+    header = encode_header(Message(kind=Kind.FRAME, tensors=[torch.zeros(100_000, dtype=torch.uint8)]))
+    name = b"mindmirror-gone"
+    raw.sendall(raw_frame(1, _SHM | _SHM_NEW, header, _ANNOUNCE.pack(2**20, 2, len(name)) + name, 100_000))
+    with pytest.raises(PeerFailure, match="bad frame"):
+        receiver.recv(timeout=1)
+    with pytest.raises(PeerFailure):  # the stream is out of step now: the link stays failed
+        receiver.recv(timeout=0)
+
+
+def test_an_unknown_frame_kind_or_a_truncated_frame_fails_the_link():
+    _, receiver, raw = socket_pair()
+    raw.sendall(raw_frame(7))
+    with pytest.raises(PeerFailure, match="protocol error"):
+        receiver.recv(timeout=1)
+    _, receiver, raw = socket_pair()
+    raw.sendall(raw_frame(1, header=b"\x00" * 10))  # announces 10 header bytes, then garbage
+    with pytest.raises(PeerFailure, match="bad frame"):
+        receiver.recv(timeout=1)
+    _, receiver, raw = socket_pair()
+    raw.sendall(raw_frame(1, header=b"x" * 8)[:-4])  # the rest never comes
+    t = time.monotonic()
+    with pytest.raises(PeerFailure, match="stalled mid-message"):
+        receiver.recv(timeout=5)
+    assert time.monotonic() - t < 3.0  # peer_timeout_s, not the recv timeout
+
+
+def test_a_sender_that_vanishes_without_end_is_a_peer_failure_not_an_end():
+    sender, receiver, raw = socket_pair()
+    sender.send(Message(kind=Kind.EVENT), timeout=1)
+    raw.close()
+    assert receiver.recv(timeout=1).kind == Kind.EVENT
+    with pytest.raises(PeerFailure, match="without END"):
+        receiver.recv(timeout=1)
