@@ -11,8 +11,10 @@ shared-memory segment (``comms.shm``), so the socket carries only small frames.
 
 Frames, sender -> receiver: ``_FRAME`` (kind, flags, shared-memory chunk, header length,
 payload length, send time), the encoded header, then a segment announcement (flag
-SHM_NEW) or the payload itself (flag INLINE). Receiver -> sender: ``_BACK`` records,
-CREDIT n (``recv`` took n messages) or CLOSED (the receiver closed or took END).
+SHM_NEW: chunk size and count; the segment's file descriptor went just before, as
+SCM_RIGHTS on the link's second socket, which only ever carries descriptors, so frames
+are read with plain reads) or the payload itself (flag INLINE). Receiver -> sender: ``_BACK``
+records, CREDIT n (``recv`` took n messages) or CLOSED (the receiver closed or took END).
 
 Setup (``connect``, called by ``comms.links.create_links`` on both ends in link order):
 the receiver listens on a fresh abstract socket name and sends the name to the sender
@@ -51,7 +53,7 @@ INLINE_MAX = 16384
 """Payloads up to this many bytes ride in the frame; larger ones go through shared memory."""
 CLOSE_TIMEOUT_S = 2.0
 _FRAME = struct.Struct("<BBHIQd")  # kind, flags, chunk, header_len, payload_len, send time
-_ANNOUNCE = struct.Struct("<QHH")  # chunk bytes, chunks, name length; the name follows
+_ANNOUNCE = struct.Struct("<QH")  # chunk bytes, chunks; the descriptor comes on the second socket
 _BACK = struct.Struct("<BI")  # kind, count
 _MSG, _END = 1, 2
 _INLINE, _SHM, _SHM_NEW = 1, 2, 4
@@ -59,37 +61,44 @@ _CREDIT, _CLOSED = 1, 2
 _NAME_BYTES = 64
 _READ_BUFFER = 1 << 16
 """Bytes read per system call when reading frames: a whole small frame in one call."""
+
 FOREVER = float("inf")
 
 _live: "weakref.WeakSet[SocketChannel]" = weakref.WeakSet()
 
 
 def connect(spec, rank: int, config: TransportConfig) -> "SocketChannel":
-    """This rank's end of ``spec``; both ends call it at the same point of link setup."""
+    """This rank's end of ``spec``; both ends call it at the same point of link setup.
+    Two connections: frames, then segment descriptors (accepted in the order made)."""
     name = torch.zeros(_NAME_BYTES, dtype=torch.uint8)
     if rank == spec.dst_rank:
         token = f"mindmirror-{secrets.token_hex(8)}".encode()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
             listener.bind(b"\0" + token)
-            listener.listen(1)
+            listener.listen(2)
             name[:len(token)] = torch.frombuffer(bytearray(token), dtype=torch.uint8)
             dist.send(name, dst=spec.src_rank)
             listener.settimeout(config.init_timeout_s)
-            sock, _ = listener.accept()
-        return SocketChannel(spec, sock, is_sender=False, config=config)
+            frames, _ = listener.accept()
+            descriptors, _ = listener.accept()
+        return SocketChannel(spec, frames, descriptors, is_sender=False, config=config)
     dist.recv(name, src=spec.dst_rank)
-    token = bytes(name.numpy()).rstrip(b"\0")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(config.init_timeout_s)
-    sock.connect(b"\0" + token)
-    return SocketChannel(spec, sock, is_sender=True, config=config)
+    address = b"\0" + bytes(name.numpy()).rstrip(b"\0")
+    ends = []
+    for _ in range(2):
+        end = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        end.settimeout(config.init_timeout_s)
+        end.connect(address)
+        ends.append(end)
+    return SocketChannel(spec, *ends, is_sender=True, config=config)
 
 
 class SocketChannel(Channel):
     """One end of a same-host link; ``send`` on the source rank, ``recv`` on the
     destination rank, each on the caller's thread (one caller at a time per end)."""
 
-    def __init__(self, spec, sock: socket.socket, *, is_sender: bool, config: TransportConfig) -> None:
+    def __init__(self, spec, sock: socket.socket, fd_sock: socket.socket, *, is_sender: bool,
+                 config: TransportConfig) -> None:
         self.name = spec.name
         self.capacity = config.link_capacity
         self.stats = LinkStats()
@@ -100,6 +109,8 @@ class SocketChannel(Channel):
         # per-call timeout switching (each settimeout is an fcntl).
         sock.setblocking(False)
         self._sock = sock
+        fd_sock.settimeout(config.peer_timeout_s)  # a descriptor is sent before its frame: never far
+        self._fd_sock = fd_sock
         self._readable = select.poll()
         self._readable.register(sock, select.POLLIN)
         self._writable = select.poll()
@@ -215,8 +226,9 @@ class SocketChannel(Channel):
             self._shm.write(chunk, flat)
             flags = _SHM | (_SHM_NEW if new else 0)
             if new:
-                name = segment.name.encode("ascii")
-                extra = _ANNOUNCE.pack(segment.chunk_bytes, segment.chunks, len(name)) + name
+                extra = _ANNOUNCE.pack(segment.chunk_bytes, segment.chunks)
+                socket.send_fds(self._fd_sock, [b"S"], [self._shm.fd])
+                self._shm.announced()
         elif total:
             flags = _INLINE
             flat, _ = pack_tensors(msg.tensors, "cpu", specs)
@@ -278,9 +290,11 @@ class SocketChannel(Channel):
         msg, specs = decode_header(self._read_exact(header_len))
         if flags & _SHM:
             if flags & _SHM_NEW:
-                chunk_bytes, chunks, name_len = _ANNOUNCE.unpack(self._read_exact(_ANNOUNCE.size))
-                name = bytes(self._read_exact(name_len)).decode("ascii", errors="replace")
-                self._shm_in.open(Segment(name=name, chunk_bytes=chunk_bytes, chunks=chunks))
+                chunk_bytes, chunks = _ANNOUNCE.unpack(self._read_exact(_ANNOUNCE.size))
+                _, fds, _, _ = socket.recv_fds(self._fd_sock, 1, 1)  # sent before the frame
+                if len(fds) != 1:
+                    raise HeaderError("a new shared-memory segment was announced without its descriptor")
+                self._shm_in.open(fds[0], Segment(chunk_bytes=chunk_bytes, chunks=chunks))
             flat = self._shm_in.take(chunk, total)
         else:
             flat = torch.empty(total, dtype=torch.uint8)

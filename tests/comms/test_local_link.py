@@ -1,14 +1,13 @@
 """SocketChannel (same-host links: Unix socket + shared memory) across real processes.
 
-What is particular to this link: payloads in shared memory, growing segments, a fallback
-when /dev/shm is unusable, nothing left behind in /dev/shm, credits read from the socket,
-a blocked ``recv`` woken by ``close``. END / CLOSED and a killed peer are tested on both
+What is particular to this link: payloads in shared memory (segments handed over as
+file descriptors, growing on demand), a fallback when shared memory cannot be had,
+credits read from the socket, a blocked ``recv`` woken by ``close``, bad frames. END / CLOSED and a killed peer are tested on both
 link kinds in test_torch_p2p.py.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
@@ -32,20 +31,20 @@ def local(name: str, src: int = 0, dst: int = 1) -> LinkSpec:
     return LinkSpec(name=name, src_rank=src, dst_rank=dst, same_host=True)
 
 
-def _shm_files() -> set[str]:
-    return {n for n in os.listdir(shm.SHM_DIR) if n.startswith("mindmirror-")}
+def _no_memory(name, size):
+    raise OSError(12, "Cannot allocate memory")
 
 
-def _r_order_and_paths(rank, world, shm_dir):
+def _r_order_and_paths(rank, world, shared_memory_works):
     """Mixed messages in order, byte for byte; the segment grows twice on the way.
-    ``shm_dir`` None: /dev/shm; else a folder that does not exist (no shared memory)."""
-    default_dir = shm.SHM_DIR
-    if shm_dir is not None:
-        shm.SHM_DIR = shm_dir  # this rank only: the sender cannot create segments
+    Without shared memory the sender cannot create segments (this rank only)."""
+    create_file = shm.create_file
+    if not shared_memory_works:
+        shm.create_file = _no_memory
     try:
         return _order_and_paths(rank)
     finally:
-        shm.SHM_DIR = default_dir  # the world's processes run later tests too
+        shm.create_file = create_file  # the world's processes run later tests too
 
 
 def _order_and_paths(rank):
@@ -149,18 +148,16 @@ def test_only_same_host_cpu_links_allowed_by_config_are_local():
 
 @pytest.mark.timeout(60)
 def test_messages_arrive_in_order_byte_exact_with_payloads_in_shared_memory(world):
-    before = _shm_files()
-    sender, receiver = world.run(_r_order_and_paths, None, timeout=50)
+    sender, receiver = world.run(_r_order_and_paths, True, timeout=50)
     assert sender["kind"] == "SocketChannel" and sender["off"] is None and sender["joined"]
     assert all(receiver["ok"]) and receiver["received"] == 66
     paths = sender["paths"]
     assert paths["shm"] >= 20 and paths["inline"] > 0 and paths["empty"] > 0 and paths["socket"] == 0
-    assert _shm_files() == before  # every segment unlinked
 
 
 @pytest.mark.timeout(60)
-def test_without_shared_memory_payloads_travel_in_the_socket(world, tmp_path):
-    sender, receiver = world.run(_r_order_and_paths, str(tmp_path / "missing"), timeout=50)
+def test_without_shared_memory_payloads_travel_in_the_socket(world):
+    sender, receiver = world.run(_r_order_and_paths, False, timeout=50)
     assert all(receiver["ok"])
     assert "cannot create" in sender["off"]
     assert sender["paths"]["shm"] == 0 and sender["paths"]["socket"] >= 20
@@ -188,20 +185,20 @@ def socket_pair() -> tuple[SocketChannel, SocketChannel, socket.socket]:
     """Sender and receiver ends joined by a socketpair, plus a raw handle on the sender's
     socket for writing hand-made frames."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd_a, fd_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     spec, config = local("pair"), TransportConfig(peer_timeout_s=1.0)
-    return SocketChannel(spec, a, is_sender=True, config=config), SocketChannel(spec, b, is_sender=False,
-                                                                               config=config), a
+    return (SocketChannel(spec, a, fd_a, is_sender=True, config=config),
+            SocketChannel(spec, b, fd_b, is_sender=False, config=config), a)
 
 
 def raw_frame(kind: int, flags: int = 0, header: bytes = b"", extra: bytes = b"", total: int = 0) -> bytes:
     return _FRAME.pack(kind, flags, 0, len(header), total, time.time()) + header + extra
 
 
-def test_a_frame_naming_a_segment_that_does_not_exist_fails_the_link_clearly():
+def test_a_segment_announced_without_its_descriptor_fails_the_link_clearly():
     sender, receiver, raw = socket_pair()
     header = encode_header(Message(kind=Kind.FRAME, tensors=[torch.zeros(100_000, dtype=torch.uint8)]))
-    name = b"mindmirror-gone"
-    raw.sendall(raw_frame(1, _SHM | _SHM_NEW, header, _ANNOUNCE.pack(2**20, 2, len(name)) + name, 100_000))
+    raw.sendall(raw_frame(1, _SHM | _SHM_NEW, header, _ANNOUNCE.pack(2**20, 2), 100_000))
     with pytest.raises(PeerFailure, match="bad frame"):
         receiver.recv(timeout=1)
     with pytest.raises(PeerFailure):  # the stream is out of step now: the link stays failed
