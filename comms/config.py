@@ -33,8 +33,8 @@ class TransportConfig:
     payload goes the slow way once and grows the posted size to fit (up to 64 MiB)."""
     shared_memory: bool = True
     """Links between two ranks of one node skip gloo: headers and credits go over a Unix
-    socket on the caller's thread, payloads through a shared-memory segment in /dev/shm
-    (two memory copies instead of loopback TCP). Links between nodes and NCCL links are
+    socket on the caller's thread, payloads through a shared-memory segment (two memory
+    copies instead of loopback TCP). Links between nodes and NCCL links are
     unaffected; false makes every link a gloo link."""
     peer_timeout_s: float = 10.0
     """How long a started transfer (or a credit, once due) may stall before the peer
