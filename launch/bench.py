@@ -5,10 +5,11 @@
     python launch/bench.py --sections transport,gpu --rounds 9 --set messages=500
 
 Sections (runtime/bench/, in this order): pipeline, synthetic, transport, gpu. A section
-that cannot be imported for lack of an optional package is skipped with the reason; one
-that fails to import otherwise, or raises, is recorded as failed (traceback in bench.log)
-and the others still run. Exit code 1 when a section failed; a section skipped for a
-stated reason (e.g. no CUDA device) is not a failure.
+that cannot be imported for lack of an optional third-party package is skipped with the
+reason; one that fails to import otherwise (a first-party module missing included), or
+raises, is recorded as failed (traceback in bench.log) and the others still run. Exit
+code 1 when a section failed; a section skipped for a stated reason (e.g. no CUDA device)
+is not a failure.
 """
 
 from __future__ import annotations

@@ -67,10 +67,13 @@ class ClientSettings:
     host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
-        if self.duration_s <= 0 or self.warmup_s < 0:
-            raise ValueError(f"duration_s must be > 0 and warmup_s >= 0, got {self.duration_s}, {self.warmup_s}")
-        if self.fps is not None and self.fps <= 0:
-            raise ValueError(f"fps must be > 0 or None (as fast as possible), got {self.fps}")
+        # Each check is written so that nan fails it; inf would never end the run.
+        if not (math.isfinite(self.duration_s) and self.duration_s > 0):
+            raise ValueError(f"duration_s must be a finite number > 0, got {self.duration_s}")
+        if not (math.isfinite(self.warmup_s) and self.warmup_s >= 0):
+            raise ValueError(f"warmup_s must be a finite number >= 0, got {self.warmup_s}")
+        if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
+            raise ValueError(f"fps must be a finite number > 0 or None (as fast as possible), got {self.fps}")
         if self.window < 1 or self.min_gap_ms < 0:
             raise ValueError(f"window must be >= 1 and min_gap_ms >= 0, got {self.window}, {self.min_gap_ms}")
 

@@ -27,7 +27,6 @@ import itertools
 import logging
 import math
 import queue
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -43,6 +42,7 @@ from comms.config import TransportConfig
 from comms.links import LinkSpec, create_links
 from comms.message import Kind, Message
 from runtime.bench.options import BenchOptions
+from runtime.bench.ports import free_port
 from runtime.bench.progress import Progress
 from runtime.bench.results import Column, PlotSpec, SectionResult, Target
 from runtime.bench.stats import median, ratio, summarize
@@ -243,7 +243,7 @@ def nccl_figures(seconds: dict[str, dict[str, list[float]]], messages: int) -> t
         share = ratio(mb_s["channel"], mb_s["raw"])
         targets.append(Target(name=_target_name(label), goal=f">= {RATIO_GOAL}x",
                               measured=f"{share:.2f}x ({mb_s['channel']:.0f} vs {mb_s['raw']:.0f} MB/s)",
-                              met=share >= RATIO_GOAL))
+                              met=None if math.isnan(share) else share >= RATIO_GOAL))
     return rows, targets
 
 
@@ -258,7 +258,7 @@ def link_seconds(backend: str, devices: tuple[str, str], payloads: dict[str, tup
     (the section uses NCCL; tests use gloo on the CPU)."""
     context = mp.get_context("spawn")
     answers = context.Queue()
-    port = _free_port()
+    port = free_port()
     ranks = [context.Process(target=_link_rank, name=f"bench-link-rank-{rank}", daemon=True,
                              args=(rank, port, backend, devices, payloads, messages, rounds, answers))
              for rank in (0, 1)]
@@ -359,9 +359,3 @@ def _channel_round(rank: int, link, payload: torch.Tensor, messages: int, sync) 
             link.recv(timeout=30.0)
     _sync(payload.device)
     return time.perf_counter() - started
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -52,7 +52,8 @@ class JobExit:
     returncode: int | None
     """The launcher's exit status (negative: the signal that ended it)."""
     clean: bool
-    """Every rank logged an orderly stop, none logged a failure, and nothing was killed."""
+    """The launcher exited 0, every rank logged an orderly stop, none logged a failure,
+    and nothing was killed."""
     killed: bool
     """It outlived the stop bound and was killed."""
 
@@ -92,26 +93,33 @@ class PipelineJob:
 
     def start(self) -> int:
         """Launch and wait until rank 0 serves; returns the port. Raises ``JobError`` with
-        the log's tail (after stopping what started) if a process exits or time runs out."""
+        the log's tail if a process exits or time runs out. Whatever ends the wait early
+        (that error, Ctrl-C, anything else) stops the job first, so no rank is orphaned."""
         if self._proc is not None:
             raise JobError(f"job {self.name} was already started")
         started = time.monotonic()
         with open(self.log_path, "wb") as log:
             self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                                           env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
-        deadline = started + self.ready_timeout_s
+        try:
+            self.url, self.port = self._wait_until_ready(started + self.ready_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_s = time.monotonic() - started
+        return self.port
+
+    def _wait_until_ready(self, deadline: float) -> tuple[str, int]:
+        """(URL, port) from rank 0's ready line; ``JobError`` if the launcher exits or
+        ``deadline`` passes first."""
         while True:
             match = READY.search(self.log_text())
             if match:
-                self.url, self.port = match.group(1), int(match.group(2))
-                self.startup_s = time.monotonic() - started
-                return self.port
+                return match.group(1), int(match.group(2))
             if self._proc.poll() is not None:
-                self._finish_group()
                 raise JobError(f"job {self.name} exited with {self._proc.returncode} during startup\n"
                                f"{self.log_tail()}")
             if time.monotonic() > deadline:
-                self.stop()
                 raise JobError(f"job {self.name} not ready in {self.ready_timeout_s:g} s\n{self.log_tail()}")
             time.sleep(0.05)
 
@@ -164,7 +172,8 @@ class PipelineJob:
         killed = self._finish_group(force=killed) or killed
         self.stop_s = time.monotonic() - started
         text = self.log_text()
-        clean = (not killed and text.count(STOPPED) == self.world_size and "job failed" not in text)
+        clean = (not killed and self._proc.returncode == 0 and text.count(STOPPED) == self.world_size
+                 and "job failed" not in text)
         self.exit = JobExit(returncode=self._proc.returncode, clean=clean, killed=killed)
         return self.exit
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,5 +35,9 @@ class BenchOptions:
             raise ValueError(f"sections: unknown {unknown}; allowed: {', '.join(SECTIONS)}")
         if self.world_size < 2:
             raise ValueError(f"world_size: the distributed run needs >= 2 ranks, got {self.world_size}")
-        if self.duration_s <= 0 or self.fps <= 0 or self.rounds < 1:
-            raise ValueError("duration_s and fps must be > 0 and rounds >= 1")
+        for name in ("duration_s", "fps"):  # nan would slip past "> 0"; inf never ends a run
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}: must be a finite number > 0, got {value}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds: must be >= 1, got {self.rounds}")

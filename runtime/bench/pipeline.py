@@ -167,7 +167,8 @@ def run_details(result: ClientResult, usage: Usage) -> dict[str, Any]:
         "hops": {name: {"hop_ms": link.get("hop_ms", {}), "bytes_per_message": bytes_per_message(link)}
                  for name, link in stats.get("hops", {}).items()},
         "drops": result.drops,
-        "usage": {"mean": usage.mean, "max": usage.max, "samples": usage.samples, "gpu_skip": usage.gpu_skip},
+        "usage": {"mean": usage.mean, "max": usage.max, "samples": usage.samples, "gpu_skip": usage.gpu_skip,
+                  "sampling_error": usage.sampling_error},
         "errors": result.errors, "error_count": result.error_count,
         "latencies_ms": [round(ms, 2) for ms in result.latencies_ms],
     }
@@ -188,17 +189,22 @@ def bytes_per_message(link: dict[str, Any]) -> float:
 
 def target(rows: list[dict[str, Any]], options: BenchOptions) -> Target:
     """The distributed layout at the fixed input rate sustains 20 FPS with p50 <= 100 ms;
-    its as-fast-as-possible FPS is quoted as the headroom."""
+    its as-fast-as-possible FPS is quoted as the headroom. The goal is defined at a steady
+    20 fps input, so another fixed rate leaves it unjudged: below, 20 FPS out cannot happen;
+    above, the run measures an overloaded pipeline, not a sustained 20."""
     name = f"default mirror pipeline 640x480, distributed ({options.world_size} ranks)"
     goal = (f">= {TARGET_FPS:g} FPS sustained (at a steady {TARGET_FPS:g} fps input, >= "
             f"{SUSTAINED * TARGET_FPS:g} FPS out over the whole window) and glass-to-glass p50 "
             f"<= {TARGET_P50_MS:g} ms")
+    if options.fps != TARGET_FPS:
+        return Target(name=name, goal=goal, met=None,
+                      measured=(f"not measured: the fixed input rate is {options.fps:g} fps; "
+                                f"the target is defined at {TARGET_FPS:g} fps"))
     dist = [row for row in rows if row["layout"] != "single"]
     fixed = next((row for row in dist if row["input"] != "max"), None)
     fastest = next((row for row in dist if row["input"] == "max"), None)
-    if fixed is None or options.fps < TARGET_FPS:
-        return Target(name=name, goal=goal, met=None,
-                      measured=f"not measured: the fixed input rate is {options.fps:g} fps, below {TARGET_FPS:g}")
+    if fixed is None:
+        return Target(name=name, goal=goal, met=None, measured="not measured: no distributed run at the fixed rate")
     headroom = "" if fastest is None else f"; headroom: {fastest['fps']:.1f} FPS as fast as possible"
     met = fixed["fps"] >= SUSTAINED * TARGET_FPS and fixed["p50_ms"] <= TARGET_P50_MS
     return Target(name=name, goal=goal, met=met,
@@ -224,7 +230,20 @@ def notes(options: BenchOptions, duration: float, rows: list[dict[str, Any]],
     out += [f"{name}: the job did not stop cleanly (exit {job['returncode']}); see {job['log']}"
             for name, job in details["jobs"].items() if not job["clean_stop"]]
     for label, run in details["runs"].items():
+        out += run_warnings(label, run)
         out.append(f"{label}: {breakdown(run)}")
+    return out
+
+
+def run_warnings(label: str, run: dict[str, Any]) -> list[str]:
+    """What went wrong in one run (``run_details``) that its figures alone would not show:
+    CPU sampling that stopped early, error messages from the server."""
+    out = []
+    if run["usage"]["sampling_error"] is not None:
+        out.append(f"{label}: CPU sampling stopped: {run['usage']['sampling_error']}")
+    if run["error_count"]:
+        out.append(f"{label}: {run['error_count']} error message(s) from the server, "
+                   f"e.g. {'; '.join(run['errors'][:2])}")
     return out
 
 

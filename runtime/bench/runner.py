@@ -1,9 +1,10 @@
 """Running the benchmark's sections behind one progress bar, each isolated from the others.
 
 A section is a module with ``steps(options) -> int`` and ``run(options, progress) ->
-SectionResult``. One that cannot be imported for lack of an optional package is skipped
-with the reason; one that fails to import otherwise, or raises, is recorded as failed
-(``skipped`` starts with ``FAILED``, traceback in the log) and the others still run.
+SectionResult``. One that cannot be imported for lack of an optional third-party package
+is skipped with the reason; one that fails to import otherwise (a missing first-party
+module is a bug, not a missing install), or raises, is recorded as failed (``skipped``
+starts with ``FAILED``, traceback in the log) and the others still run.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ SECTION_MODULES = {
 }
 FAILED = "failed: "
 """Prefix of ``SectionResult.skipped`` for a section that broke (versus one skipped for a reason)."""
+FIRST_PARTY = frozenset({"runtime", "comms", "stages", "launch"})
+"""Top-level packages of this repository: one of their modules missing is never fixed by a pip install."""
 
 
 def load(name: str, options: BenchOptions):
@@ -35,12 +38,20 @@ def load(name: str, options: BenchOptions):
         module = importlib.import_module(path)
         return module, module.steps(options)
     except ModuleNotFoundError as e:
-        if e.name and path != e.name and not path.startswith(e.name + "."):  # a package it needs
+        if _is_optional_package(e.name, path):
             return SectionResult(name=name, title=name, skipped=f"needs the '{e.name}' package: "
                                  "pip install -e '.[bench]'")
         return _failed(name, e)
     except Exception as e:
         return _failed(name, e)
+
+
+def _is_optional_package(missing: str | None, path: str) -> bool:
+    """Whether the module that could not be found is a third-party package the section needs,
+    as opposed to the section itself (or one of its parents) or first-party code."""
+    if not missing or missing == path or path.startswith(missing + "."):
+        return False
+    return missing.partition(".")[0] not in FIRST_PARTY
 
 
 def run_section(name: str, module, options: BenchOptions, progress: Progress) -> SectionResult:

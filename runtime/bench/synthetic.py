@@ -33,7 +33,7 @@ import psutil
 from runtime.bench.client import ClientResult, ClientSettings, run as run_client
 from runtime.bench.jobs import PipelineJob
 from runtime.bench.options import BenchOptions
-from runtime.bench.pipeline import breakdown, job_details, run_details
+from runtime.bench.pipeline import breakdown, job_details, run_details, run_warnings
 from runtime.bench.progress import Progress
 from runtime.bench.results import Column, PlotSpec, SectionResult, Target
 from runtime.bench.stats import ratio, summarize
@@ -203,9 +203,15 @@ def chain_row(chain: Chain, single: ClientResult, single_usage: Usage, dist: Cli
             "single_cpu_pct": single_usage.mean.get("job_cpu_pct", math.nan),
             "dist_cpu_pct": dist_usage.mean.get("job_cpu_pct", math.nan),
             "dist_cpu_ms_per_frame": ratio(10.0 * dist_usage.mean.get("job_cpu_pct", math.nan), dist.fps),
-            "other_cpu_pct": max(single_usage.mean.get("other_cpu_pct", math.nan),
-                                 dist_usage.mean.get("other_cpu_pct", math.nan)),
+            "other_cpu_pct": max_known(single_usage.mean.get("other_cpu_pct", math.nan),
+                                       dist_usage.mean.get("other_cpu_pct", math.nan)),
             "single_achieved": ratio(single.fps, single_ideal_fps(chain.mode, chain.costs_ms))}
+
+
+def max_known(*values: float) -> float:
+    """The largest of ``values`` that is not NaN (a run without CPU samples has none); NaN
+    when none is. Plain ``max`` would answer NaN or not depending on the argument order."""
+    return max((v for v in values if not math.isnan(v)), default=math.nan)
 
 
 def targets(rows: list[dict[str, Any]]) -> list[Target]:
@@ -249,5 +255,6 @@ def notes(options: BenchOptions, iterations_per_ms: float, details: dict[str, An
     out += [f"{label}: the job did not stop cleanly (exit {job['returncode']}); see {job['log']}"
             for label, job in details["jobs"].items() if not job["clean_stop"]]
     for label, run in details["runs"].items():
+        out += run_warnings(label, run)
         out.append(f"{label}: {breakdown(run)}")
     return out

@@ -19,10 +19,15 @@ Per sample:
   should be blamed on;
 - ``gpu_util_pct`` / ``gpu_mem_mb``: through NVML, summed memory and the busiest device's
   utilisation, only when a GPU is present (``gpu_skip`` says why not otherwise).
+
+If taking a sample raises, sampling stops and the error is kept (``SysMonitor.error``,
+``Usage.sampling_error``): figures from the samples before it would otherwise pass for
+the whole window's, with nothing to say why they are few or missing.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +36,8 @@ from typing import Callable
 import psutil
 
 from runtime.bench.stats import summarize
+
+log = logging.getLogger(__name__)
 
 FIGURES = ("job_cpu_pct", "job_machine_pct", "system_cpu_pct", "other_cpu_pct", "gpu_util_pct", "gpu_mem_mb")
 
@@ -57,6 +64,8 @@ class Usage:
     max: dict[str, float] = field(default_factory=dict)
     gpu_skip: str | None = None
     """Why there are no GPU figures (no NVML, no device); None when there are."""
+    sampling_error: str | None = None
+    """The error that stopped sampling early; None when it ran until ``stop()``."""
 
 
 class _Gpus:
@@ -107,6 +116,8 @@ class SysMonitor:
         self._gpus: _Gpus | None = None
         self._me = psutil.Process()
         self._my_cpu = 0.0
+        self.error: str | None = None
+        """The error that stopped sampling early (set by the sampler thread); None otherwise."""
 
     def start(self) -> None:
         if self._thread is not None:
@@ -135,7 +146,8 @@ class SysMonitor:
     def summary(self, since: float = float("-inf"), until: float = float("inf")) -> Usage:
         """Mean and max over the samples whose interval ended within [since, until]."""
         chosen = [s for s in self.samples if since <= s.at <= until]
-        usage = Usage(samples=len(chosen), gpu_skip=self._gpus.skip if self._gpus else "not started")
+        usage = Usage(samples=len(chosen), gpu_skip=self._gpus.skip if self._gpus else "not started",
+                      sampling_error=self.error)
         for name in FIGURES:
             values = [getattr(s, name) for s in chosen if getattr(s, name) is not None]
             if values:
@@ -144,6 +156,14 @@ class SysMonitor:
         return usage
 
     def _run(self) -> None:
+        """The sampler thread: samples until stopped or until taking one raises."""
+        try:
+            self._sample_until_stopped()
+        except Exception as e:  # an exception would otherwise end the thread unseen
+            log.error("CPU/GPU sampling stopped", exc_info=e)
+            self.error = f"{type(e).__name__}: {e}"
+
+    def _sample_until_stopped(self) -> None:
         last = time.monotonic()
         while not self._stop.wait(self.interval_s):
             now = time.monotonic()

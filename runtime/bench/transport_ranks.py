@@ -1,4 +1,4 @@
-"""The two ranks of the transport benchmark and the five ways they move one tensor.
+"""The two ranks of the transport benchmark and the six ways they move one tensor.
 
 ``Ranks`` spawns two processes (torch.multiprocessing, gloo on a free 127.0.0.1 port)
 that live for the whole section. Each builds every path once — the channel's two links,
@@ -13,16 +13,18 @@ sent to both at once: rank 0 leads and times, rank 1 mirrors.
     mp_queue  multiprocessing.Queue pair carrying the tensor's numpy array
     memcpy    Tensor.copy_ inside rank 0
 
-Every wait is bounded: a send, receive or call inside a rank waits at most ``WAIT_S``,
-the parent at most ``JOB_TIMEOUT_S`` per job, and a rank that dies or raises turns
-into a ``RuntimeError`` naming the job it was running.
+Every wait is bounded. Inside a rank, a channel, gRPC or queue send, receive or call
+waits at most ``WAIT_S``; what goes through the gloo group itself (the raw path's
+``dist.send``/``dist.recv``, barriers, the broadcast of the gRPC port) has no timeout of
+its own and is bounded by the group's, ``JOB_TIMEOUT_S``. The parent waits at most
+``JOB_TIMEOUT_S`` per job, and a rank that dies or raises turns into a ``RuntimeError``
+naming the job it was running.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import socket
 import time
 import traceback
 from abc import ABC, abstractmethod
@@ -38,13 +40,15 @@ from comms.config import TransportConfig
 from comms.links import LinkSpec, create_links
 from comms.message import Kind, Message
 from runtime.bench import grpc_tensor
+from runtime.bench.ports import free_port
 from runtime.dist import destroy_distributed
 
 METHODS = ("channel", "channel_gloo", "raw", "grpc", "mp_queue", "memcpy")
 WAIT_S = 30.0
-"""Longest any single send, receive or call inside a rank waits."""
+"""Longest a single channel, gRPC or queue send, receive or call inside a rank waits."""
 JOB_TIMEOUT_S = 90.0
-"""Longest the parent waits for one job (or the start-up) before giving up."""
+"""Longest the parent waits for one job (or the start-up) before giving up; also the gloo
+group's timeout, the bound on raw send/recv and barriers inside a rank."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,12 +411,3 @@ class Ranks:
         """Which ranks that still owe an answer have died, as text ('' when none)."""
         return ", ".join(f"rank {r} died (exit code {p.exitcode})" for r, p in enumerate(self._procs)
                          if r not in answered and not p.is_alive())
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-

@@ -85,6 +85,12 @@ STAND_INS = {
         def steps(options):
             return 1
     """,
+    "bench_stand_in_needs_first_party": """
+        import runtime.no_such_module_for_the_bench
+
+        def steps(options):
+            return 1
+    """,
     "bench_stand_in_skips": """
         from runtime.bench.results import SectionResult
 
@@ -131,6 +137,13 @@ def test_a_failing_section_is_recorded_the_others_still_run_and_the_exit_code_sa
     assert "section(s) failed: pipeline, gpu" in captured.err
 
 
+def test_a_missing_first_party_module_is_a_failure_not_a_missing_package(stand_ins, tmp_path):
+    stand_ins({"pipeline": "bench_stand_in_needs_first_party"})
+    result = runner.load("pipeline", bench.BenchOptions(out_dir=tmp_path))
+    assert result.skipped == ("failed: ModuleNotFoundError: "
+                              "No module named 'runtime.no_such_module_for_the_bench'")
+
+
 def test_sections_skipped_for_a_reason_are_not_failures(stand_ins, tmp_path):
     stand_ins({"transport": "bench_stand_in_ok", "gpu": "bench_stand_in_skips"})
     out = tmp_path / "out"
@@ -146,6 +159,10 @@ def test_sections_skipped_for_a_reason_are_not_failures(stand_ins, tmp_path):
     (["--sections", "pipeline,nope"], "sections: unknown ['nope']"),
     (["--set", "no-equals-sign"], "--set 'no-equals-sign': expected KEY=VALUE"),
     (["--world-size", "1"], "world_size: the distributed run needs >= 2 ranks"),
+    (["--fps", "nan"], "fps: must be a finite number > 0, got nan"),
+    (["--duration", "inf"], "duration_s: must be a finite number > 0, got inf"),
+    (["--duration", "0"], "duration_s: must be a finite number > 0, got 0.0"),
+    (["--rounds", "0"], "rounds: must be >= 1, got 0"),
 ])
 def test_bad_arguments_are_refused_with_the_reason(args, error, tmp_path, capsys):
     assert bench.main([*args, "--out", str(tmp_path / "out")]) == 2

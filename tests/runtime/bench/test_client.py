@@ -67,8 +67,12 @@ def test_drop_growth():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"duration_s": 0}, "duration_s must be > 0"),
-    ({"fps": 0}, "fps must be > 0 or None"),
+    ({"duration_s": 0}, "duration_s must be a finite number > 0"),
+    ({"duration_s": math.nan}, "duration_s must be a finite number > 0"),
+    ({"warmup_s": math.inf}, "warmup_s must be a finite number >= 0"),
+    ({"fps": 0}, "fps must be a finite number > 0 or None"),
+    ({"fps": math.nan}, "fps must be a finite number > 0 or None"),
+    ({"fps": math.inf}, "fps must be a finite number > 0 or None"),
     ({"window": 0}, "window must be >= 1"),
 ])
 def test_bad_settings(kwargs, match):

@@ -71,6 +71,12 @@ def test_figures_are_the_median_round_and_the_target_is_the_channel_share_of_raw
     assert targets[1].met is True and targets[1].goal == ">= 0.9x"
 
 
+def test_a_share_that_could_not_be_computed_leaves_the_target_unjudged():
+    seconds = {"1.2 MB": {"channel": [1.0], "raw": []}, "2.76 MB": {"channel": [1.0], "raw": [1.0]}}
+    _, targets = gpu.nccl_figures(seconds, messages=10)
+    assert targets[0].met is None and targets[1].met is True
+
+
 @needs_cuda
 def test_on_cuda_every_stage_is_timed_with_its_memory(tmp_path):
     options = BenchOptions(out_dir=tmp_path, quick=True, rounds=1)

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from runtime.bench import synthetic
+from runtime.bench import pipeline, synthetic
 from runtime.bench.client import ClientResult
 from runtime.bench.options import BenchOptions
 from runtime.bench.progress import Progress
@@ -82,6 +82,19 @@ def test_row_figures():
     assert {c.key for c in synthetic.COLUMNS} <= set(r)
 
 
+@pytest.mark.parametrize("single_other, dist_other, expected", [
+    (math.nan, 3.0, 3.0), (3.0, math.nan, 3.0), (1.0, 3.0, 3.0)])
+def test_others_cpu_is_the_higher_of_the_runs_that_have_one(single_other, dist_other, expected):
+    chain = synthetic.CHAINS[0]
+    r = synthetic.chain_row(chain, fake(20.0), usage(90.0, single_other), fake(40.0), usage(180.0, dist_other))
+    assert r["other_cpu_pct"] == expected
+
+
+def test_max_known_skips_nan_and_is_nan_only_without_a_number():
+    assert synthetic.max_known(math.nan, 2.0, 1.0) == 2.0
+    assert math.isnan(synthetic.max_known(math.nan, math.nan))
+
+
 @pytest.mark.parametrize("dist, met", [(46.0, True), (44.0, False)])
 def test_sleep_target(dist, met):
     (sleep, _) = synthetic.targets([row("sleep x3", 49.0, dist)])
@@ -96,6 +109,15 @@ def test_busy_target(dist, met):
 
 def test_targets_of_chains_not_run_are_unmeasured():
     assert [t.met for t in synthetic.targets([])] == [None, None]
+
+
+def test_notes_warn_of_server_errors_next_to_the_run_s_breakdown(tmp_path):
+    result = fake(40.0)
+    result.errors, result.error_count = ["busy: queue full"], 1
+    details = {"jobs": {}, "runs": {"busy x2, distributed": pipeline.run_details(result, usage(180.0, 3.0))}}
+    text = synthetic.notes(BenchOptions(out_dir=tmp_path), 1000.0, details)
+    assert text[-2:] == ["busy x2, distributed: 1 error message(s) from the server, e.g. busy: queue full",
+                         "busy x2, distributed: compute p50 ms: ; hops p50: none; drops: none"]
 
 
 def test_quick_run_produces_every_figure(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import subprocess
 import sys
@@ -67,6 +68,22 @@ def test_summary_uses_only_the_samples_inside_the_window():
     assert usage.samples == 2
     assert usage.mean["job_cpu_pct"] == 75.0 and usage.max["job_cpu_pct"] == 100.0
     assert monitor.summary(since=10).samples == 0 and monitor.summary(since=10).mean == {}
+
+
+def test_an_error_while_sampling_stops_sampling_and_is_kept():
+    calls = itertools.count()
+
+    def pids():
+        if next(calls):  # the first call is start()'s baseline; every sample's call fails
+            raise RuntimeError("process table unreadable")
+        return []
+
+    with SysMonitor(pids, interval_s=0.02) as monitor:
+        time.sleep(0.2)
+        assert not monitor._thread.is_alive()
+    assert monitor.error == "RuntimeError: process table unreadable"
+    usage = monitor.summary()
+    assert usage.sampling_error == monitor.error and usage.samples == 0
 
 
 def test_bad_interval_is_refused():
