@@ -9,6 +9,8 @@ for a link within one host (``is_local``), a ``TorchChannel`` otherwise.
 from __future__ import annotations
 
 import logging
+import secrets
+import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,11 +21,14 @@ import torch.distributed as dist
 from comms.config import TransportConfig
 from comms.channel import Channel
 from comms.errors import TransportError
-from comms.local_link import connect
+from comms.local_link import SocketChannel
 from comms.torch_p2p import TorchChannel
 from runtime.config_loader import check
 
 log = logging.getLogger(__name__)
+
+_NAME_BYTES = 64
+"""Room for a same-host link's socket name as it travels to the sender."""
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -116,7 +121,33 @@ def create_links(specs: list[LinkSpec], config: TransportConfig | None = None) -
         # Pairwise and in the same order on every rank: each connect waits only for the
         # other end of this link, which has finished every earlier one (no deadlock).
         if is_local(spec, config) and rank in (spec.src_rank, spec.dst_rank):
-            channels[spec.name] = connect(spec, rank, config)
+            channels[spec.name] = connect_local(spec, rank, config)
             log.debug("link %r: rank %d -> %d, same host: Unix socket + shared memory",
                       spec.name, spec.src_rank, spec.dst_rank)
     return channels
+
+
+def connect_local(spec: LinkSpec, rank: int, config: TransportConfig) -> SocketChannel:
+    """This rank's end of ``spec``; both ends call it at the same point of link setup.
+    Two connections: frames, then segment descriptors (accepted in the order made)."""
+    name = torch.zeros(_NAME_BYTES, dtype=torch.uint8)
+    if rank == spec.dst_rank:
+        token = f"mindmirror-{secrets.token_hex(8)}".encode()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(b"\0" + token)
+            listener.listen(2)
+            name[:len(token)] = torch.frombuffer(bytearray(token), dtype=torch.uint8)
+            dist.send(name, dst=spec.src_rank)
+            listener.settimeout(config.init_timeout_s)
+            frames, _ = listener.accept()
+            descriptors, _ = listener.accept()
+        return SocketChannel(spec, frames, descriptors, is_sender=False, config=config)
+    dist.recv(name, src=spec.dst_rank)
+    address = b"\0" + bytes(name.numpy()).rstrip(b"\0")
+    ends = []
+    for _ in range(2):
+        end = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        end.settimeout(config.init_timeout_s)
+        end.connect(address)
+        ends.append(end)
+    return SocketChannel(spec, *ends, is_sender=True, config=config)

@@ -16,7 +16,7 @@ SCM_RIGHTS on the link's second socket, which only ever carries descriptors, so 
 are read with plain reads) or the payload itself (flag INLINE). Receiver -> sender: ``_BACK``
 records, CREDIT n (``recv`` took n messages) or CLOSED (the receiver closed or took END).
 
-Setup (``connect``, called by ``comms.links.create_links`` on both ends in link order):
+Setup (``comms.links.connect_local``, on both ends in link order):
 the receiver listens on a fresh abstract socket name and sends the name to the sender
 over the default process group; the sender connects. Abstract names need no file and
 vanish with the socket; they are per network namespace, which is why only ranks of one
@@ -28,7 +28,6 @@ from __future__ import annotations
 import atexit
 import logging
 import math
-import secrets
 import select
 import socket
 import struct
@@ -37,7 +36,6 @@ import time
 import weakref
 
 import torch
-import torch.distributed as dist
 
 from comms.channel import Channel, LinkStats
 from comms.config import TransportConfig
@@ -58,39 +56,12 @@ _BACK = struct.Struct("<BI")  # kind, count
 _MSG, _END = 1, 2
 _INLINE, _SHM, _SHM_NEW = 1, 2, 4
 _CREDIT, _CLOSED = 1, 2
-_NAME_BYTES = 64
 _READ_BUFFER = 1 << 16
 """Bytes read per system call when reading frames: a whole small frame in one call."""
 
 FOREVER = float("inf")
 
 _live: "weakref.WeakSet[SocketChannel]" = weakref.WeakSet()
-
-
-def connect(spec, rank: int, config: TransportConfig) -> "SocketChannel":
-    """This rank's end of ``spec``; both ends call it at the same point of link setup.
-    Two connections: frames, then segment descriptors (accepted in the order made)."""
-    name = torch.zeros(_NAME_BYTES, dtype=torch.uint8)
-    if rank == spec.dst_rank:
-        token = f"mindmirror-{secrets.token_hex(8)}".encode()
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-            listener.bind(b"\0" + token)
-            listener.listen(2)
-            name[:len(token)] = torch.frombuffer(bytearray(token), dtype=torch.uint8)
-            dist.send(name, dst=spec.src_rank)
-            listener.settimeout(config.init_timeout_s)
-            frames, _ = listener.accept()
-            descriptors, _ = listener.accept()
-        return SocketChannel(spec, frames, descriptors, is_sender=False, config=config)
-    dist.recv(name, src=spec.dst_rank)
-    address = b"\0" + bytes(name.numpy()).rstrip(b"\0")
-    ends = []
-    for _ in range(2):
-        end = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        end.settimeout(config.init_timeout_s)
-        end.connect(address)
-        ends.append(end)
-    return SocketChannel(spec, *ends, is_sender=True, config=config)
 
 
 class SocketChannel(Channel):

@@ -16,19 +16,7 @@ A message travels as: slot [-> overflow header] [-> payload]. The slot carries a
 frame (kind, flags, lengths, send timestamp), the encoded header and, on gloo, payloads
 of at most ``inline_max_bytes``. Credits make the receive queue bounded: the sender
 starts with ``capacity`` credits, spends one per message, and the receiver returns one
-per ``recv``.
-
-Posted ahead: gloo hands a sender's bytes over only once the receiver has posted the
-matching receive (a rendezvous), and a receive may be larger than what is sent. So the
-receiver always keeps the next slot receive posted (``slot_bytes``; only the used part
-travels), and on gloo data links also the next payload receive, ``prepost_bytes`` large.
-A message then costs no round trip beyond the bytes themselves. Both ends compute the
-posted payload size the same way (``next_prepost``) from the payload sizes they have
-seen, so the sender knows when a payload would not fit: it marks the slot OVERSIZE,
-sends one filler byte into the posted receive, and the payload follows into a receive
-of its exact size; the posted size then grows to fit. END carries a filler too, so no
-receive is left posted when a link ends. NCCL payloads keep the exact-size receive
-posted after the slot arrives (NCCL needs matching sizes and stream-ordered buffers).
+per ``recv``. Receives are posted ahead (``comms.posted``): no rendezvous round trip.
 
 Waiting on an idle link: gloo closes the connection when a ``wait(timeout)`` expires
 (measured: the next wait fails with "Application timeout caused pair closure"), so a
@@ -50,7 +38,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import re
 import struct
 import threading
 import time
@@ -69,6 +56,7 @@ from comms.errors import ChannelClosed, ChannelTimeout, HeaderError, PeerFailure
 from comms.header import TensorSpec, align_up, decode_header, encode_for_send, pack_tensors, unpack_tensors
 from comms.inprocess import deadline_of, remaining
 from comms.message import Message
+from comms.posted import Peer, Posted, await_cuda, concise_error, filler, next_prepost
 
 if TYPE_CHECKING:
     from comms.links import LinkSpec
@@ -85,52 +73,6 @@ _SLOT_MSG, _SLOT_END = 1, 2
 _FLAG_INLINE, _FLAG_OVERFLOW, _FLAG_PAYLOAD, _FLAG_OVERSIZE = 1, 2, 4, 8
 _CREDIT, _CLOSED = 1, 2
 
-PREPOST_MAX = 64 * 2**20
-"""The posted payload receive never grows beyond this; larger payloads always go the
-OVERSIZE way (one round trip more)."""
-_PREPOST_STEP = 2**20
-
-
-def next_prepost(posted: int, payload: int) -> int:
-    """The payload receive size to post after a ``payload``-byte payload arrived into (or
-    next to) a receive of ``posted`` bytes. Both ends of a gloo link call this with the
-    same sizes in the same order, so the sender always knows what the receiver posted."""
-    if payload <= posted or payload > PREPOST_MAX:
-        return posted
-    return min(PREPOST_MAX, -(-payload // _PREPOST_STEP) * _PREPOST_STEP)
-
-
-class _Peer:
-    """The other rank of a two-rank group. Calls the group's own send/recv, which is what
-    ``torch.distributed.isend``/``irecv`` end in, without their per-call argument checks
-    and rank translation: a message makes several of these calls."""
-
-    __slots__ = ("group", "rank")
-
-    def __init__(self, group, global_rank: int) -> None:
-        self.group = group
-        self.rank = dist.get_group_rank(group, global_rank)
-
-    def isend(self, tensor: torch.Tensor):
-        return self.group.send([tensor], self.rank, 0)
-
-    def irecv(self, tensor: torch.Tensor):
-        return self.group.recv([tensor], self.rank, 0)
-
-
-class _Posted:
-    """A receive posted ahead of the message it will hold."""
-
-    __slots__ = ("buffer", "work")
-
-    def __init__(self, nbytes: int, peer: _Peer) -> None:
-        self.buffer = torch.empty(nbytes, dtype=torch.uint8)
-        self.work = peer.irecv(self.buffer)
-
-    def wait(self, timeout: timedelta) -> torch.Tensor:
-        self.work.wait(timeout=timeout)
-        return self.buffer
-
 _live: "weakref.WeakSet[TorchChannel]" = weakref.WeakSet()
 
 
@@ -146,7 +88,7 @@ class TorchChannel(Channel):
         self.spec = spec
         self.is_sender = rank == spec.src_rank
         self._peer = spec.dst_rank if self.is_sender else spec.src_rank
-        self._meta, self._data, self._credit = (_Peer(g, self._peer) for g in (meta, data, credit))
+        self._meta, self._data, self._credit = (Peer(g, self._peer) for g in (meta, data, credit))
         self._data_backend = data_backend
         self._prepost = data_backend == "gloo"
         """Gloo data links keep a payload receive posted (see the module docstring)."""
@@ -174,7 +116,7 @@ class TorchChannel(Channel):
             self._ended = False
             self._pending_credits = 0
             self._device = torch.device(spec.dst_device)
-            self._posted_data: _Posted | None = None
+            self._posted_data: Posted | None = None
             self._start(self._slot_reader, "slots-in")
             self._start(self._credit_writer, "credits-out")
         _live.add(self)
@@ -247,7 +189,7 @@ class TorchChannel(Channel):
             flat, _ = pack_tensors(msg.tensors, device, specs)
             keep.append(flat)
             if oversize:
-                works.append(self._data.isend(_filler()))
+                works.append(self._data.isend(filler()))
             works.append(self._data.isend(flat))
             if self._prepost:
                 self._posted_bytes = next_prepost(self._posted_bytes, total)
@@ -264,21 +206,9 @@ class TorchChannel(Channel):
                 # NCCL's wait only orders the current stream; the buffer must outlive
                 # the transfer, so wait for the stream itself.
                 work.wait()
-                self._await_cuda(torch.device(self.spec.src_device), "send")
+                await_cuda(torch.device(self.spec.src_device), "send", self._config.peer_timeout_s)
             else:
                 work.wait(timeout=self._peer_wait)
-
-    def _await_cuda(self, device: torch.device, what: str) -> None:
-        """Wait for the NCCL transfer just queued on ``device``'s stream, at most
-        ``peer_timeout_s``: a peer that died mid-transfer must surface as a failed link,
-        not block this thread until NCCL's watchdog kills the process."""
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(device))
-        deadline = time.monotonic() + self._config.peer_timeout_s
-        while not done.query():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"NCCL {what} did not complete in {self._config.peer_timeout_s} s")
-            time.sleep(0.0002)
 
     def _credit_reader(self) -> None:
         buf = torch.zeros(2, dtype=torch.int64)
@@ -316,7 +246,7 @@ class TorchChannel(Channel):
             _SLOT.pack_into(self._slot.numpy(), 0, _SLOT_MAGIC, _SLOT_END, 0, 0, 0, 0, time.time())
             works = [self._meta.isend(self._slot[:_SLOT.size])]
             if self._prepost:  # completes the payload receive the receiver has posted
-                works.append(self._data.isend(_filler()))
+                works.append(self._data.isend(filler()))
             for work in works:
                 work.wait(timeout=timedelta(seconds=wait_s))
         except Exception as e:
@@ -350,9 +280,9 @@ class TorchChannel(Channel):
 
     def _slot_reader(self) -> None:
         try:
-            slots = _Posted(self._config.slot_bytes, self._meta)
+            slots = Posted(self._config.slot_bytes, self._meta)
             if self._prepost:
-                self._posted_data = _Posted(self._posted_bytes, self._data)
+                self._posted_data = Posted(self._posted_bytes, self._data)
             while True:
                 slot = slots.wait(IDLE_WAIT)
                 magic, kind, flags, _, header_len, total, sent_at = _SLOT.unpack_from(slot.numpy(), 0)
@@ -371,9 +301,9 @@ class TorchChannel(Channel):
                 # way to the consumer: posting is a call into gloo that would otherwise
                 # delay every message. (An overflow header, too, had to come first: it
                 # travels on the meta group, where a posted slot receive would take it.)
-                slots = _Posted(self._config.slot_bytes, self._meta)
+                slots = Posted(self._config.slot_bytes, self._meta)
                 if self._prepost and self._posted_data is None:
-                    self._posted_data = _Posted(self._posted_bytes, self._data)
+                    self._posted_data = Posted(self._posted_bytes, self._data)
                 self.stats.record_recv(total, hop_ms)
         except Exception as e:  # gloo errors, a bad header, or a group already destroyed
             self._fail(f"receive from rank {self._peer} failed: {e}")
@@ -413,7 +343,7 @@ class TorchChannel(Channel):
         if self._data_backend == "nccl":
             flat = torch.empty(total, dtype=torch.uint8, device=self._device)
             self._data.irecv(flat).wait()
-            self._await_cuda(self._device, "receive")
+            await_cuda(self._device, "receive", self._config.peer_timeout_s)
             return flat
         if oversize != (total > self._posted_bytes):
             raise HeaderError(f"payload of {total} bytes {'marked' if oversize else 'not marked'} oversize, "
@@ -488,7 +418,7 @@ class TorchChannel(Channel):
         """Mark the link failed (first reason wins) and wake every waiter."""
         with self._cond:
             if self._failure is None:
-                self._failure = f"link {self.name!r}: {_concise(reason)}"
+                self._failure = f"link {self.name!r}: {concise_error(reason)}"
                 if self._closed:
                     log.debug("%s (after close)", self._failure)
                 else:
@@ -518,14 +448,3 @@ def _close_live_channels() -> None:
     for channel in channels:
         if not channel.join(max(0.0, deadline - time.monotonic())):
             log.debug("link %r: background threads still running at exit", channel.name)
-
-
-def _filler() -> torch.Tensor:
-    """One byte sent into a posted payload receive that its message does not use."""
-    return torch.zeros(1, dtype=torch.uint8)
-
-
-def _concise(reason: str) -> str:
-    """gloo's errors carry a source path and a paragraph of advice; keep the fact."""
-    reason = re.sub(r"\[[^\]]*gloo/[^\]]*\] ", "", reason)
-    return reason.split(" This is typically caused")[0]
