@@ -1,36 +1,64 @@
-"""The one transport interface every stage talks through.
+"""The transport contract: the two ends of one directed link.
 
-A ``Channel`` is one directed link between two stage endpoints. Contract, shared by
-the in-process (``comms.inprocess``), same-host (``comms.local_link``) and
-torch.distributed (``comms.torch_p2p``) implementations:
+A link carries messages one way, from a ``ChannelWriter`` on the sending side to a
+``ChannelReader`` on the receiving side (the writer/reader split of Ray's channels): a
+reader has no ``send``, a writer no ``recv``. Implementations: in-process
+(``comms.inprocess``), same host (``comms.local_link``) and torch.distributed
+(``comms.torch_p2p``); ``comms.links`` makes them from ``LinkSpec``s. Contract, shared by
+all of them:
 
-* ``send(msg, timeout)`` blocks until the link has a free credit (at most ``capacity``
-  messages in flight: sent but not yet taken by ``recv`` on the far side), then hands
-  the message over. Messages arrive in the order they were sent. The caller must not
-  mutate the sent tensors afterwards (NCCL may still be reading them).
-* ``recv(timeout)`` returns the next message; taking it returns one credit to the sender.
-* ``timeout`` is in seconds: ``None`` waits forever, ``0`` does not wait.
-  Raises ``ChannelTimeout`` when time runs out, ``ChannelClosed`` after ``close()`` or
-  when the peer sent END, ``PeerFailure`` when the peer died or stalled past the
+* ``writer.send(msg, timeout)`` blocks until the link has a free credit (at most
+  ``capacity`` messages in flight: sent but not yet taken by ``recv``), then hands the
+  message over. Messages arrive in the order they were sent. The caller must not mutate
+  the sent tensors afterwards (NCCL may still be reading them). ``writer.credits()`` is
+  how many sends would not wait right now.
+* ``reader.recv(timeout)`` returns the next message; taking it returns one credit.
+* ``timeout`` is in seconds: ``None`` waits forever, ``0`` does not wait
+  (``deadline_of``). Raises ``ChannelTimeout`` when time runs out, ``ChannelClosed``
+  once either end closed, ``PeerFailure`` when the peer died or stalled past the
   liveness limit. Never hangs silently.
-* ``close()`` may be called any number of times and returns within a bounded time (a
-  link between ranks waits at most a couple of seconds for its END to go out). After the sending
-  end closes, the receiver still gets every message sent, then ``ChannelClosed``; after
-  the receiving end closes, messages not yet taken may be discarded.
+* ``close()`` never blocks, and may be called any number of times from any thread: a
+  stage shutting down must not wait on a slow or stalled peer. ``writer.close()`` gets
+  END on its way behind every message already sent (behind a send still running in
+  another thread, once that finishes); later sends raise ``ChannelClosed``, and the
+  reader gets every message sent, then ``ChannelClosed``. ``reader.close()`` tells the
+  writer (CLOSED): messages not yet taken are dropped, the writer's sends raise
+  ``ChannelClosed``, and a ``recv`` blocked in another thread returns with it. A send
+  waiting for credit in another thread wakes with ``ChannelClosed`` on either close.
+* ``join(timeout)`` then waits, at most ``timeout``, until the end is finished with:
+  a writer's END delivered (or the reader closed or gone) and its shared memory freed,
+  either end's background threads stopped. True when done; after False the end is as
+  it was and ``join`` may be called again.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from comms.message import Message
 
 
+def deadline_of(timeout: float | None) -> float | None:
+    """Monotonic deadline for a contract timeout (None waits forever, 0 does not wait)."""
+    if timeout is None:
+        return None
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
+        raise ValueError(f"timeout must be None or a number of seconds >= 0, got {timeout!r}")
+    return time.monotonic() + timeout
+
+
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (never negative); None for no deadline."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 @dataclass(slots=True)
 class LinkStats:
-    """Per-link counters, read by metrics; updated only by the owning channel."""
+    """Per-end counters, read by metrics; updated only by the owning end (a writer counts
+    what it sent, a reader what it received)."""
 
     messages_sent: int = 0
     bytes_sent: int = 0
@@ -70,8 +98,8 @@ class LinkStats:
             }
 
 
-class Channel(ABC):
-    """One directed link. See the module docstring for the contract."""
+class ChannelWriter(ABC):
+    """The sending end of one directed link. See the module docstring for the contract."""
 
     name: str
     capacity: int
@@ -81,12 +109,33 @@ class Channel(ABC):
     def send(self, msg: Message, timeout: float | None = None) -> None: ...
 
     @abstractmethod
-    def recv(self, timeout: float | None = None) -> Message: ...
-
-    @abstractmethod
     def credits(self) -> int:
-        """Free send credits right now (0..capacity); used by least-loaded routing."""
+        """Free send credits right now (0..capacity; 0 once closed); used by least-loaded routing."""
 
     @abstractmethod
     def close(self) -> None:
-        """End this side of the link (see the module docstring)."""
+        """Send END behind the messages already sent, without waiting for it to go out."""
+
+    @abstractmethod
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until END was delivered (or the reader closed or is gone) and this end's
+        threads and shared memory are released; True when they are."""
+
+
+class ChannelReader(ABC):
+    """The receiving end of one directed link. See the module docstring for the contract."""
+
+    name: str
+    capacity: int
+    stats: LinkStats
+
+    @abstractmethod
+    def recv(self, timeout: float | None = None) -> Message: ...
+
+    @abstractmethod
+    def close(self) -> None:
+        """Tell the writer to stop (CLOSED), drop queued messages, wake a blocked ``recv``."""
+
+    @abstractmethod
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until this end's threads and shared memory are released; True when they are."""

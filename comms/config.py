@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.config_loader import check, check_choice
+from core.config import check, check_choice
 
 BACKENDS = ("auto", "gloo", "nccl")
+"""Choices of ``TransportConfig.backend``; a link itself gets one of
+``comms.link_spec.TORCH_BACKENDS``."""
 
 
 @dataclass(kw_only=True, slots=True)
 class TransportConfig:
     backend: str = "auto"
-    """Payload backend per link: 'auto' uses NCCL only when both ends are CUDA devices,
-    'gloo' always uses gloo (CUDA tensors are staged through host memory), 'nccl'
-    requires both ends of every link to be CUDA devices. Headers and credits always
-    travel on gloo."""
+    """What the planner gives each torch.distributed link for its payloads: 'auto' uses
+    NCCL only when both ends are CUDA devices, 'gloo' always uses gloo (CUDA tensors are
+    staged through host memory), 'nccl' requires both ends of every such link to be CUDA
+    devices. Headers and credits always travel on gloo."""
     link_capacity: int = 2
     """Messages in flight per link (sent, not yet taken by the receiver); the sender
     blocks beyond this. Small values keep latency low under load."""
@@ -25,17 +27,20 @@ class TransportConfig:
     round trip. Only the used part travels, so a large slot costs nothing per message.
     Larger headers follow in an overflow buffer at the cost of one more round trip."""
     inline_max_bytes: int = 65536
-    """Payloads up to this size ride inside the header slot on gloo links: one transfer
-    per message instead of two. At most ``slot_bytes / 2``, leaving room for the header."""
+    """Payloads up to this size travel with their header: inside the header slot on gloo
+    links (one transfer per message instead of two), in the frame on same-host links
+    (larger ones go through shared memory there). At most ``slot_bytes / 2``, leaving
+    room for the header in the slot."""
     prepost_bytes: int = 4 * 2**20
     """Size of the payload receive a gloo link's receiver keeps posted ahead of time, so
     a payload arrives without first announcing its size (one round trip less). A larger
     payload goes the slow way once and grows the posted size to fit (up to 64 MiB)."""
     shared_memory: bool = True
-    """Links between two ranks of one node skip gloo: headers and credits go over a Unix
-    socket on the caller's thread, payloads through a shared-memory segment (two memory
-    copies instead of loopback TCP). Links between nodes and NCCL links are
-    unaffected; false makes every link a gloo link."""
+    """Whether the planner makes a link between two ranks of one node whose payloads
+    would travel on gloo a same-host link, which skips gloo: headers and credits go
+    over a Unix socket on the caller's thread, payloads through a shared-memory segment
+    (two memory copies instead of loopback TCP). Links between nodes and NCCL links are
+    unaffected; false makes every link between ranks a torch.distributed link."""
     peer_timeout_s: float = 10.0
     """How long a started transfer (or a credit, once due) may stall before the peer
     counts as failed. Idle links never time out."""

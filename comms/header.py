@@ -8,7 +8,7 @@ buffer (``pack_tensors`` / ``unpack_tensors``) whose layout the specs describe.
 Layout, all little-endian::
 
     prefix      magic b"MMH1", version u8, kind u8, reserved u16, frame_id u64,
-                revision u32, client_ts f64, n_tensors u16, n_trace u16,
+                revision u32, capture_ts f64, n_tensors u16, n_trace u16,
                 session_len u32, meta_len u32, payload_bytes u64
     tensors     n_tensors x (dtype u8, ndim u8, shape ndim x i64, nbytes u64, offset u64)
     session     session_len bytes of utf-8
@@ -32,7 +32,9 @@ from comms.errors import HeaderError
 from comms.message import Kind, Message
 
 MAGIC = b"MMH1"
-VERSION = 1
+VERSION = 2
+"""2: transport-only kinds (data, control, status, event); capture_ts where version 1 had the
+browser's client_ts."""
 ALIGN = 64
 MAX_NDIM = 64
 
@@ -108,8 +110,8 @@ def encode_header(msg: Message, specs: list[TensorSpec] | None = None) -> bytes:
         kind = msg.kind
     _check_range(msg.frame_id, 0, 2**64 - 1, "frame_id")
     _check_range(msg.revision, 0, 2**32 - 1, "revision")
-    if not isinstance(msg.client_ts, (int, float)) or isinstance(msg.client_ts, bool):
-        raise HeaderError(f"client_ts: expected a number, got {msg.client_ts!r}")
+    if not isinstance(msg.capture_ts, (int, float)) or isinstance(msg.capture_ts, bool):
+        raise HeaderError(f"capture_ts: expected a number, got {msg.capture_ts!r}")
     if not isinstance(msg.session, str):
         raise HeaderError(f"session: expected a string, got {type(msg.session).__name__}")
     session = msg.session.encode("utf-8")
@@ -122,7 +124,7 @@ def encode_header(msg: Message, specs: list[TensorSpec] | None = None) -> bytes:
     if len(specs) > 0xFFFF or len(msg.trace) > 0xFFFF:
         raise HeaderError(f"at most 65535 tensors and trace entries, got {len(specs)} and {len(msg.trace)}")
 
-    parts = [_PREFIX.pack(MAGIC, VERSION, int(kind), 0, msg.frame_id, msg.revision, float(msg.client_ts),
+    parts = [_PREFIX.pack(MAGIC, VERSION, int(kind), 0, msg.frame_id, msg.revision, float(msg.capture_ts),
                           len(specs), len(msg.trace), len(session), len(meta), payload_bytes)]
     for s in specs:
         parts.append(_U8U8.pack(DTYPE_CODES[s.dtype], len(s.shape)))
@@ -160,7 +162,7 @@ def decode_header(data: bytes | bytearray | memoryview) -> tuple[Message, list[T
     buf = memoryview(data).cast("B")
     if len(buf) < _PREFIX.size:
         raise HeaderError(f"truncated: {len(buf)} bytes, the fixed prefix alone is {_PREFIX.size}")
-    (magic, version, kind, _reserved, frame_id, revision, client_ts,
+    (magic, version, kind, _reserved, frame_id, revision, capture_ts,
      n_tensors, n_trace, session_len, meta_len, payload_bytes) = _PREFIX.unpack_from(buf, 0)
     if magic != MAGIC:
         raise HeaderError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
@@ -219,7 +221,7 @@ def decode_header(data: bytes | bytearray | memoryview) -> tuple[Message, list[T
     if not isinstance(meta, dict):
         raise HeaderError(f"meta: expected a JSON object, got {type(meta).__name__}")
     msg = Message(kind=Kind(kind), session=session, frame_id=frame_id, revision=revision,
-                  client_ts=client_ts, trace=trace, meta=meta)
+                  capture_ts=capture_ts, trace=trace, meta=meta)
     return msg, specs
 
 
@@ -229,7 +231,7 @@ def pack_tensors(tensors: list[torch.Tensor], device: torch.device | str | None 
 
     ``device`` defaults to the first tensor's device (CPU when there are none). A single
     contiguous tensor already on ``device`` is returned as a byte view, without a copy,
-    so the sender must not modify it until the send completes (the Channel contract).
+    so the sender must not modify it until the send completes (the channel contract, comms.channel).
     ``specs``: the ``layout(tensors)`` the caller already computed for the header.
     """
     if specs is None:

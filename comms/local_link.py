@@ -6,26 +6,34 @@ consumer's thread: on a 2-core machine each hand-off costs tens of microseconds,
 the link threads compete for the GIL with the stage they serve. Between two processes
 on one host a Unix socket does the job with the caller's own thread: ``recv`` waits in
 ``poll`` with its timeout (a gloo wait cannot time out without closing the connection),
-``send`` writes one frame. Payloads above ``INLINE_MAX`` go through the sender's
-shared-memory segment (``comms.shm``), so the socket carries only small frames.
+``send`` writes one frame. Payloads above ``TransportConfig.inline_max_bytes`` go
+through the writer's shared-memory segment (``comms.shm``), so the socket carries only
+small frames.
 
-Frames, sender -> receiver: ``_FRAME`` (kind, flags, shared-memory chunk, header length,
+Frames, writer -> reader: ``_FRAME`` (kind, flags, shared-memory chunk, header length,
 payload length, send time), the encoded header, then a segment announcement (flag
 SHM_NEW: chunk size and count; the segment's file descriptor went just before, as
 SCM_RIGHTS on the link's second socket, which only ever carries descriptors, so frames
-are read with plain reads) or the payload itself (flag INLINE). Receiver -> sender: ``_BACK``
-records, CREDIT n (``recv`` took n messages) or CLOSED (the receiver closed or took END).
+are read with plain reads) or the payload itself (flag INLINE). Reader -> writer:
+``_BACK`` records, CREDIT n (``recv`` took n messages) or CLOSED (the reader closed or
+took END). Back records never fill the socket (at most one per credit in flight), so
+writing one does not wait.
 
-Setup (``comms.links.connect_local``, on both ends in link order):
-the receiver listens on a fresh abstract socket name and sends the name to the sender
-over the default process group; the sender connects. Abstract names need no file and
-vanish with the socket; they are per network namespace, which is why only ranks of one
-torchrun node (one host, one namespace) use these links.
+Closing without waiting: ``writer.close`` writes what the socket takes of END now and
+``join`` the rest; a send waiting for credit wakes through the writer's wake-up socket.
+``reader.close`` writes CLOSED and shuts the socket's read side, which wakes a ``recv``
+blocked in another thread.
+
+Setup (``comms.links.connect_reader`` and ``connect_writer``, at the same point of
+link setup on the two ranks): the reader listens on a fresh abstract socket name and
+sends the name to the writer over the default process group; the writer connects.
+Abstract names need no file and vanish with the socket; they are per network
+namespace, which is why only ranks of one torchrun node (one host, one namespace) use
+these links.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import math
 import select
@@ -33,23 +41,26 @@ import socket
 import struct
 import threading
 import time
-import weakref
 
 import torch
 
-from comms.channel import Channel, LinkStats
+from comms.channel import deadline_of, remaining
 from comms.config import TransportConfig
-from comms.errors import ChannelClosed, ChannelTimeout, HeaderError, PeerFailure, TransportError
-from comms.header import decode_header, encode_for_send, pack_tensors, unpack_tensors
-from comms.inprocess import deadline_of, remaining
+from comms.endpoint import CrossRankReader, CrossRankWriter
+from comms.errors import (
+    ChannelClosed,
+    ChannelTimeout,
+    HeaderError,
+    PeerFailure,
+    TransportError,
+)
+from comms.header import TensorSpec, decode_header, pack_tensors, unpack_tensors
+from comms.link_spec import LinkSpec
 from comms.message import Message
 from comms.shm import Segment, SegmentReader, SegmentWriter
 
 log = logging.getLogger(__name__)
 
-INLINE_MAX = 16384
-"""Payloads up to this many bytes ride in the frame; larger ones go through shared memory."""
-CLOSE_TIMEOUT_S = 2.0
 _FRAME = struct.Struct("<BBHIQd")  # kind, flags, chunk, header_len, payload_len, send time
 _ANNOUNCE = struct.Struct("<QH")  # chunk bytes, chunks; the descriptor comes on the second socket
 _BACK = struct.Struct("<BI")  # kind, count
@@ -58,67 +69,48 @@ _INLINE, _SHM, _SHM_NEW = 1, 2, 4
 _CREDIT, _CLOSED = 1, 2
 _READ_BUFFER = 1 << 16
 """Bytes read per system call when reading frames: a whole small frame in one call."""
+_DIRECT_MIN = 4096
+"""An inline payload at least this large is read straight into its tensor."""
+_JOIN_LOOK_S = 0.05
+"""A writer's ``join`` looks again at least this often: END may be posted meanwhile by a
+send finishing in another thread."""
 
 FOREVER = float("inf")
 
-_live: "weakref.WeakSet[SocketChannel]" = weakref.WeakSet()
 
+class SocketWriter(CrossRankWriter):
+    """The sending end of a same-host link; ``send`` runs on the caller's thread (one
+    caller at a time)."""
 
-class SocketChannel(Channel):
-    """One end of a same-host link; ``send`` on the source rank, ``recv`` on the
-    destination rank, each on the caller's thread (one caller at a time per end)."""
-
-    def __init__(self, spec, sock: socket.socket, fd_sock: socket.socket, *, is_sender: bool,
-                 config: TransportConfig) -> None:
-        self.name = spec.name
-        self.capacity = config.link_capacity
-        self.stats = LinkStats()
-        self.spec = spec
-        self.is_sender = is_sender
-        self._peer = spec.dst_rank if is_sender else spec.src_rank
+    def __init__(self, spec: LinkSpec, sock: socket.socket, fd_sock: socket.socket, config: TransportConfig) -> None:
+        super().__init__(spec, config)
         # Non-blocking with poll() waits: one recv/send system call per step, and no
         # per-call timeout switching (each settimeout is an fcntl).
         sock.setblocking(False)
         self._sock = sock
         fd_sock.settimeout(config.peer_timeout_s)  # a descriptor is sent before its frame: never far
         self._fd_sock = fd_sock
-        self._readable = select.poll()
-        self._readable.register(sock, select.POLLIN)
-        self._writable = select.poll()
-        self._writable.register(sock, select.POLLOUT)
-        self._rbuf = bytearray(_READ_BUFFER)
-        self._rview = memoryview(self._rbuf)
-        self._rstart = self._rend = 0
+        self._wake_in, self._wake_out = socket.socketpair()
+        """``close`` writes a byte into ``_wake_out`` to end a wait for credit."""
+        self._wake_out.setblocking(False)
+        self._credit_wait = _poller((sock, select.POLLIN), (self._wake_in, select.POLLIN))
+        self._readable = _poller((sock, select.POLLIN))
+        self._writable = _poller((sock, select.POLLOUT))
+        self._inline_max = config.inline_max_bytes
         self._peer_timeout = config.peer_timeout_s
         self._lock = threading.Lock()
-        """Held by the one call using this end's socket direction (send or recv)."""
-        self._back_lock = threading.Lock()
-        """Receiver: serialises CREDIT and CLOSED writes (``close`` may come from any thread)."""
-        self._closed = False
-        self._failure: str | None = None
-        if is_sender:
-            self._credits = config.link_capacity
-            self._peer_closed = False
-            self._peer_gone = False
-            self._back = bytearray()
-            self._shm = SegmentWriter(spec.name, config.link_capacity)
-            self._sent = 0
-            self.sent_by_path = {"inline": 0, "shm": 0, "socket": 0, "empty": 0}
-            """Where payloads went; 'socket': too big to inline but shared memory was unavailable."""
-        else:
-            self._ended = False
-            self._shm_in = SegmentReader()
-            self._device = torch.device(spec.dst_device)
-        _live.add(self)
+        """Held by the one call using the socket (a send, ``credits``, END, ``join``)."""
+        self._peer_gone = False
+        self._back = bytearray()
+        self._shm = SegmentWriter(spec.name, config.link_capacity)
+        self._sent = 0
+        self._end_rest: memoryview | None = None
+        """The part of END the socket has not taken yet."""
+        self.sent_by_path = {"inline": 0, "shm": 0, "socket": 0, "empty": 0}
+        """Where payloads went; 'socket': too big to inline but shared memory was unavailable."""
 
-    # ----------------------------------------------------------------- sender side
-
-    def send(self, msg: Message, timeout: float | None = None) -> None:
-        if not self.is_sender:
-            raise TransportError(f"link {self.name!r}: rank {self.spec.dst_rank} is the receiving end")
-        deadline = deadline_of(timeout)
-        specs, total, header = encode_for_send(self.name, msg)
-        started = time.monotonic()
+    def _deliver(self, msg: Message, header: bytes, specs: list[TensorSpec], total: int,
+                 deadline: float | None, timeout: float | None) -> None:
         with self._lock:
             self._take_credit(deadline, timeout)
             try:
@@ -128,10 +120,9 @@ class SocketChannel(Channel):
                 if self._peer_closed:
                     raise ChannelClosed(f"link {self.name!r}: the receiver (rank {self._peer}) closed it") from None
                 raise PeerFailure(self._fail(f"send to rank {self._peer} failed: {e}")) from None
-        self.stats.record_send(msg.payload_bytes, time.monotonic() - started)
 
     def credits(self) -> int:
-        if not self.is_sender or not self._lock.acquire(blocking=False):
+        if not self._lock.acquire(blocking=False):
             return 0
         try:
             self._read_back(0)
@@ -152,13 +143,12 @@ class SocketChannel(Channel):
                 return
             wait = remaining(deadline)
             if wait is not None and wait <= 0:
-                raise ChannelTimeout(f"link {self.name!r}: no credit within {timeout} s "
-                                     f"({self.capacity} messages in flight)")
-            self._read_back(wait)
+                raise self._no_credit(timeout)
+            self._read_back(wait, self._credit_wait)
 
-    def _read_back(self, wait: float | None) -> None:
-        """Take CREDIT / CLOSED records the receiver sent, waiting up to ``wait`` seconds
-        (None: until one arrives) when none is there yet."""
+    def _read_back(self, wait: float | None, poller: select.poll | None = None) -> None:
+        """Take CREDIT / CLOSED records the receiver sent, waiting on ``poller`` up to
+        ``wait`` seconds (None: until one arrives) when none is there yet."""
         if self._peer_gone:
             return
         for attempt in (1, 2):
@@ -167,7 +157,7 @@ class SocketChannel(Channel):
                 break
             except BlockingIOError:
                 # Nothing yet: wait once; woken without data, the caller looks again.
-                if attempt == 2 or wait is not None and wait <= 0 or not self._poll(self._readable, wait):
+                if attempt == 2 or wait is not None and wait <= 0 or not _poll(poller or self._readable, wait):
                     return
             except OSError as e:
                 raise PeerFailure(self._fail(f"rank {self._peer} failed: {e}")) from None
@@ -187,9 +177,9 @@ class SocketChannel(Channel):
             else:
                 raise PeerFailure(self._fail(f"protocol error: back record {(kind, count)} from rank {self._peer}"))
 
-    def _write_frame(self, msg: Message, header: bytes, specs, total: int) -> None:
+    def _write_frame(self, msg: Message, header: bytes, specs: list[TensorSpec], total: int) -> None:
         flags, chunk, extra, payload = 0, 0, b"", None
-        placed = self._shm.reserve(total) if total > INLINE_MAX else None
+        placed = self._shm.reserve(total) if total > self._inline_max else None
         if placed is not None:
             segment, new = placed
             chunk = self._sent % self.capacity
@@ -205,48 +195,108 @@ class SocketChannel(Channel):
             flat, _ = pack_tensors(msg.tensors, "cpu", specs)
             payload = memoryview(flat.numpy()).cast("B")
         prefix = _FRAME.pack(_MSG, flags, chunk, len(header), total, time.time())
-        self._send_all([prefix + header + extra] + ([payload] if payload is not None else []))
+        _send_all(self._sock, self._writable, [prefix + header + extra] + ([payload] if payload is not None else []),
+                  self._peer_timeout, self._peer)
         self._sent += 1
-        path = "shm" if placed else ("inline" if total <= INLINE_MAX else "socket") if total else "empty"
+        path = "shm" if placed else ("inline" if total <= self._inline_max else "socket") if total else "empty"
         self.sent_by_path[path] += 1
 
-    def _send_all(self, buffers: list) -> None:
-        """Write every byte of ``buffers`` (OSError if the socket breaks); the receiver
-        may be slow to read a large frame, but not slower than ``peer_timeout_s``."""
-        views = [memoryview(b).cast("B") for b in buffers]
-        while views:
-            try:
-                sent = self._sock.sendmsg(views)
-            except BlockingIOError:
-                if not self._poll(self._writable, self._peer_timeout):
-                    raise OSError(f"rank {self._peer} took nothing for {self._peer_timeout} s") from None
-                continue
-            while views and sent >= len(views[0]):
-                sent -= len(views[0])
-                views.pop(0)
-            if views and sent:
-                views[0] = views[0][sent:]
+    def _wake_credit_wait(self) -> None:
+        try:
+            self._wake_out.send(b"\0")
+        except OSError:  # a wake-up byte is already waiting
+            pass
 
-    # --------------------------------------------------------------- receiver side
+    def _post_end(self) -> None:
+        with self._lock:
+            if not self._peer_gone:
+                self._end_rest = memoryview(_FRAME.pack(_END, 0, 0, 0, 0, time.time()))
+                self._write_end()
+
+    def _write_end(self) -> None:
+        """Write what the socket takes of END now, without waiting; ``join`` writes the rest."""
+        if self._end_rest is None:
+            return
+        try:
+            sent = self._sock.send(self._end_rest)
+        except BlockingIOError:
+            return
+        except OSError as e:  # the receiver is gone: reading back tells whether it closed first
+            log.debug("link %r: END not sent: %s", self.name, e)
+            self._end_rest = None
+            return
+        self._end_rest = self._end_rest[sent:] if sent < len(self._end_rest) else None
+
+    def join(self, timeout: float | None = None) -> bool:
+        """True once the receiver has taken END (its CLOSED came back), closed, or is
+        gone; writes what is left of END meanwhile. Frees the shared memory then, which
+        until then may be named in a frame not yet read."""
+        deadline = deadline_of(timeout)
+        if not self._sends_finished(deadline):
+            return False
+        while True:
+            wait = remaining(deadline)
+            if not self._lock.acquire(timeout=-1 if wait is None else wait):
+                return False
+            try:
+                self._write_end()
+                try:
+                    self._read_back(0)
+                except TransportError:
+                    pass  # failed: finished with
+                if self._peer_closed or self._peer_gone or self._failure is not None:
+                    self._shm.close()
+                    return True
+            finally:
+                self._lock.release()
+            wait = remaining(deadline)
+            if wait is not None and wait <= 0:
+                return False
+            _poll(self._writable if self._end_rest is not None else self._readable,
+                  _JOIN_LOOK_S if wait is None else min(wait, _JOIN_LOOK_S))
+
+
+class SocketReader(CrossRankReader):
+    """The receiving end of a same-host link; ``recv`` runs on the caller's thread (one
+    caller at a time), ``close`` from any thread."""
+
+    def __init__(self, spec: LinkSpec, sock: socket.socket, fd_sock: socket.socket, config: TransportConfig) -> None:
+        super().__init__(spec, config)
+        sock.setblocking(False)  # see SocketWriter
+        self._sock = sock
+        fd_sock.settimeout(config.peer_timeout_s)
+        self._fd_sock = fd_sock
+        self._readable = _poller((sock, select.POLLIN))
+        self._writable = _poller((sock, select.POLLOUT))
+        self._rbuf = bytearray(_READ_BUFFER)
+        self._rview = memoryview(self._rbuf)
+        self._rstart = self._rend = 0
+        self._peer_timeout = config.peer_timeout_s
+        self._lock = threading.Lock()
+        """Held by the one ``recv`` reading the socket."""
+        self._back_lock = threading.Lock()
+        """Serialises CREDIT and CLOSED writes (``close`` may come from any thread)."""
+        self._shm_in = SegmentReader()
+        self._device = torch.device(spec.dst_device)
 
     def recv(self, timeout: float | None = None) -> Message:
-        if self.is_sender:
-            raise TransportError(f"link {self.name!r}: rank {self.spec.src_rank} is the sending end")
         deadline = deadline_of(timeout)
         with self._lock:
             self._raise_if_unusable()
             if self._ended:
-                raise ChannelClosed(f"link {self.name!r}: rank {self._peer} sent END")
+                raise self._ended_error()
             wait = remaining(deadline)
             prefix = self._read_exact(_FRAME.size, first_wait=FOREVER if wait is None else wait)
             if prefix is None:
                 raise ChannelTimeout(f"link {self.name!r}: nothing arrived within {timeout} s")
             kind, flags, chunk, header_len, total, sent_at = _FRAME.unpack(prefix)
             if kind == _END:
-                self._ended = True
+                with self._cond:
+                    self._ended = True
+                    self._cond.notify_all()
                 self._shm_in.close()
                 self._write_back(_CLOSED, 0)
-                raise ChannelClosed(f"link {self.name!r}: rank {self._peer} sent END")
+                raise self._ended_error()
             if kind != _MSG:
                 raise PeerFailure(self._fail(f"protocol error: frame kind {kind} from rank {self._peer}"))
             try:
@@ -281,7 +331,7 @@ class SocketChannel(Channel):
         so a small frame takes one system call. With ``first_wait`` (seconds; ``FOREVER``
         for no limit) this starts a frame: None comes back if no byte arrived in that
         time. Once a frame has started, its rest must follow within ``peer_timeout_s``,
-        or the sender counts as stalled."""
+        or the writer counts as stalled."""
         out = into if into is not None else memoryview(bytearray(n))
         got = 0
         while got < n:
@@ -292,7 +342,9 @@ class SocketChannel(Channel):
                 got += take
                 continue
             starting = got == 0 and first_wait is not None
-            direct = n - got >= _READ_BUFFER  # a large payload goes straight to its tensor
+            # A payload of some size goes straight into its tensor: a copy less than through
+            # the read buffer, which only pays off for the many small reads of a frame.
+            direct = n - got >= (_DIRECT_MIN if into is not None else _READ_BUFFER)
             k = self._recv_into(out[got:] if direct else self._rview,
                                 (None if first_wait is FOREVER else first_wait) if starting else self._peer_timeout)
             if k is None:
@@ -322,109 +374,72 @@ class SocketChannel(Channel):
             except OSError as e:
                 raise PeerFailure(self._fail(f"receive from rank {self._peer} failed: {e}")) from None
             left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0 or not self._poll(self._readable, left):
+            if left is not None and left <= 0 or not _poll(self._readable, left):
                 return None
 
-    def _poll(self, poller, wait: float | None) -> bool:
-        """Whether the socket became ready within ``wait`` seconds (None: no limit)."""
-        return bool(poller.poll(None if wait is None else math.ceil(wait * 1000)))
-
     def _write_back(self, kind: int, count: int) -> None:
-        """CREDIT or CLOSED to the sender; a sender already gone is noticed by the next read."""
+        """CREDIT or CLOSED to the writer; a writer already gone is noticed by the next read."""
         record = _BACK.pack(kind, count)
         with self._back_lock:
             try:
                 sent = self._sock.send(record)
                 if sent < len(record):
-                    self._send_all([record[sent:]])
+                    _send_all(self._sock, self._writable, [record[sent:]], self._peer_timeout, self._peer)
             except BlockingIOError:
-                self._send_all([record])
+                _send_all(self._sock, self._writable, [record], self._peer_timeout, self._peer)
             except OSError as e:
                 log.debug("link %r: back record to rank %d not sent: %s", self.name, self._peer, e)
 
-    # ------------------------------------------------------------------- both ends
-
-    def close(self) -> None:
-        """Sender: END goes out after every message already sent (waiting at most ~2 s
-        for a send in progress). Receiver: CLOSED tells the sender to stop; messages not
-        yet taken are dropped, and a ``recv`` blocked in another thread returns."""
-        if self._closed:
-            return
-        self._closed = True
-        if not self.is_sender:
-            self._write_back(_CLOSED, 0)
-            _shutdown(self._sock, socket.SHUT_RD)
-            return
-        if not self._lock.acquire(timeout=min(CLOSE_TIMEOUT_S, self._peer_timeout)):
-            log.warning("link %r: a send is still running; END not sent", self.name)
-            return
+    def _tell_writer_closed(self) -> None:
+        self._write_back(_CLOSED, 0)
         try:
-            if self._failure is None and not self._peer_gone:
-                self._send_all([_FRAME.pack(_END, 0, 0, 0, 0, time.time())])
-        except OSError as e:
-            log.debug("link %r: END not sent: %s", self.name, e)
-        finally:
-            self._lock.release()
+            self._sock.shutdown(socket.SHUT_RD)  # a recv blocked in another thread reads the end
+        except OSError:
+            pass
 
     def join(self, timeout: float | None = None) -> bool:
-        """No threads to wait for; True once this end is finished with. The sender is
-        finished when the receiver has taken END or closed, or is gone; it waits for
-        that at most ``timeout`` and then frees its shared memory, which until then may
-        be named in a frame not yet read."""
-        if not self.is_sender:
-            return True
+        """True once this end is closed, has taken END, or failed, and no ``recv`` is
+        running; frees the shared-memory mapping then."""
         deadline = deadline_of(timeout)
-        if not self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._closed or self._ended or self._failure is not None,
+                                       remaining(deadline)):
+                return False
+        wait = remaining(deadline)
+        if not self._lock.acquire(timeout=-1 if wait is None else wait):
             return False
         try:
-            while not self._finished():
-                wait = remaining(deadline)
-                if wait is not None and wait <= 0:
-                    return False
-                try:
-                    self._read_back(wait)
-                except TransportError:
-                    break
-            self._shm.close()
+            self._shm_in.close()
             return True
         finally:
             self._lock.release()
 
-    def _finished(self) -> bool:
-        return self._peer_closed or self._peer_gone or self._failure is not None
 
-    def _raise_if_unusable(self) -> None:
-        if self._failure is not None:
-            raise PeerFailure(self._failure)
-        if self._closed:
-            raise ChannelClosed(f"link {self.name!r} is closed")
-        if self.is_sender and self._peer_closed:
-            raise ChannelClosed(f"link {self.name!r}: the receiver (rank {self._peer}) closed it")
-
-    def _fail(self, reason: str) -> str:
-        if self._failure is None:
-            self._failure = f"link {self.name!r}: {reason}"
-            (log.debug if self._closed else log.error)("%s", self._failure)
-        return self._failure
-
-    def __repr__(self) -> str:
-        end = "send" if self.is_sender else "recv"
-        return (f"SocketChannel({self.name!r}, {end} end, rank {self.spec.src_rank} -> {self.spec.dst_rank}, "
-                f"capacity={self.capacity})")
+def _poller(*registrations: tuple[socket.socket, int]) -> select.poll:
+    poller = select.poll()
+    for sock, events in registrations:
+        poller.register(sock, events)
+    return poller
 
 
-def _shutdown(sock: socket.socket, how: int) -> None:
-    try:
-        sock.shutdown(how)
-    except OSError:
-        pass
+def _poll(poller: select.poll, wait: float | None) -> bool:
+    """Whether a registered socket became ready within ``wait`` seconds (None: no limit)."""
+    return bool(poller.poll(None if wait is None else math.ceil(wait * 1000)))
 
 
-@atexit.register
-def _close_live_channels() -> None:
-    """Send END on links still open and free shared memory a crashed run would leave."""
-    for channel in list(_live):
-        channel.close()
-        if channel.is_sender:
-            channel.join(CLOSE_TIMEOUT_S / 4)
-            channel._shm.close()
+def _send_all(sock: socket.socket, writable: select.poll, buffers: list, peer_timeout: float, peer: int) -> None:
+    """Write every byte of ``buffers`` (OSError if the socket breaks); the peer may be
+    slow to read a large frame, but not slower than ``peer_timeout`` seconds."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    while views:
+        try:
+            sent = sock.sendmsg(views)
+        except BlockingIOError:
+            if not _poll(writable, peer_timeout):
+                raise OSError(f"rank {peer} took nothing for {peer_timeout} s") from None
+            continue
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if views and sent:
+            views[0] = views[0][sent:]

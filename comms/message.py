@@ -1,12 +1,15 @@
-"""The unit that travels between stages: a small header plus tensor payloads.
+"""The unit that travels between stages: an envelope, JSON metadata and tensor payloads.
 
-A ``Message`` is what every channel carries, in-process or across ranks. The header
-(kind, frame id, session, config revision, client timestamp, trace, JSON metadata and,
-for each tensor, its dtype and shape) is encoded by ``comms.header`` as plain bytes;
-the tensors travel as payloads of any shape and dtype on the stage's device.
+A ``Message`` is what every channel carries, in-process or across ranks. The envelope
+says what the message is to the transport and the runtime (``Kind``), which stream it
+belongs to (``session``), which frame of that stream it is, the live-config revision it
+was made under, when its media was captured, and its trace. What the tensors and the
+metadata *mean* is the business of the stages that make and take them: each stage
+declares the payload it accepts and emits (``stages.base.Payload``), and the transport
+never looks inside.
 
 Trace entries are ``(name, unix_time_seconds)`` pairs appended by each stage and hop,
-so one frame can be followed from the browser through every rank and back.
+so one frame can be followed from its source through every rank and back.
 """
 
 from __future__ import annotations
@@ -20,31 +23,33 @@ import torch
 
 
 class Kind(IntEnum):
-    """What a message is. Values are part of the inter-rank header format."""
+    """What a message is to the transport and the runtime. Values are part of the
+    inter-rank header format. (A link's end is not a message: each channel marks it in
+    its own framing.)"""
 
-    CAMERA_JPEG = 1  # server -> ingest: encoded camera frame (uint8 JPEG bytes)
-    FRAME = 2  # ingest -> vision: decoded RGB frame, uint8 HWC
-    ANALYZED = 3  # vision -> generator: RGB frame + faces in meta
-    PORTRAIT = 4  # generator -> display: RGB portrait uint8 HWC + faces in meta
-    OUTPUT_JPEG = 5  # display -> server: encoded portrait + vision results in meta
-    AUDIO = 6  # reserved for the lip-sync pipeline: PCM16 mono 16 kHz
-    CONTROL = 10  # control plane: JSON command in meta (config update, stop)
-    STATUS = 11  # control plane: heartbeat + metrics snapshot in meta
-    EVENT = 12  # a stage's notice for a browser session (e.g. undecodable frame)
-    END = 13  # the sender closes this link; nothing follows
+    DATA = 1  # a payload from one stage to the next
+    CONTROL = 2  # the server rank to a rank: a JSON command in meta (config update, stop)
+    STATUS = 3  # a rank to the server rank: heartbeat with metrics, or why it leaves
+    EVENT = 4  # a stage's notice for one session (e.g. an undecodable frame), for the front end
 
 
 @dataclass(slots=True)
 class Message:
-    kind: Kind
+    kind: Kind = Kind.DATA
     session: str = ""
+    """The stream this message belongs to (a browser session on the mirror's page);
+    routing may pin a session to one replica."""
     frame_id: int = 0
+    """Position in the session's stream; outputs reach the sink in this order."""
     revision: int = 0
-    client_ts: float = 0.0
-    """Browser capture timestamp in ms, echoed back unchanged (wire protocol v1)."""
+    """Live-config revision the message was made under; older ones are stale."""
+    capture_ts: float = 0.0
+    """When the media this message derives from was captured, in milliseconds of its
+    source's own clock (for the page: the browser's, which it gets back with the output
+    frame). Stages pace animation by it rather than by arrival time."""
     trace: list[tuple[str, float]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
-    """JSON-serialisable metadata (faces, emotion, errors, control commands)."""
+    """JSON-serialisable metadata (faces, errors, control commands)."""
     tensors: list[torch.Tensor] = field(default_factory=list)
 
     def stamp(self, name: str, at: float | None = None) -> "Message":
@@ -52,15 +57,14 @@ class Message:
         self.trace.append((name, time.time() if at is None else at))
         return self
 
-    def derive(self, kind: Kind, tensors: list[torch.Tensor] | None = None,
-               meta: dict[str, Any] | None = None) -> "Message":
-        """A downstream message for the same frame: identity and trace carried over."""
+    def derive(self, tensors: list[torch.Tensor] | None = None, meta: dict[str, Any] | None = None) -> "Message":
+        """A downstream message for the same frame: kind, identity and trace carried over."""
         return Message(
-            kind=kind,
+            kind=self.kind,
             session=self.session,
             frame_id=self.frame_id,
             revision=self.revision,
-            client_ts=self.client_ts,
+            capture_ts=self.capture_ts,
             trace=list(self.trace),
             meta=dict(self.meta) if meta is None else meta,
             tensors=[] if tensors is None else tensors,

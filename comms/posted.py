@@ -1,6 +1,5 @@
 """Point-to-point operations on a two-rank process group: the peer, receives posted
-ahead of the messages they will hold, bounded waits for NCCL transfers, gloo's errors
-made readable.
+ahead of the messages they will hold, bounded waits for NCCL transfers.
 
 Posted ahead: gloo hands a sender's bytes over only once the receiver has posted the
 matching receive (a rendezvous), and a receive may be larger than what is sent. So the
@@ -17,7 +16,6 @@ posted after the slot arrives (NCCL needs matching sizes and stream-ordered buff
 
 from __future__ import annotations
 
-import re
 import time
 from datetime import timedelta
 
@@ -88,8 +86,3 @@ def await_cuda(device: torch.device, what: str, timeout_s: float) -> None:
             raise RuntimeError(f"NCCL {what} did not complete in {timeout_s} s")
         time.sleep(0.0002)
 
-
-def concise_error(reason: str) -> str:
-    """gloo's errors carry a source path and a paragraph of advice; keep the fact."""
-    reason = re.sub(r"\[[^\]]*gloo/[^\]]*\] ", "", reason)
-    return reason.split(" This is typically caused")[0]

@@ -1,11 +1,12 @@
-"""Channels between ranks over torch.distributed point-to-point sends.
+"""Links between ranks over torch.distributed point-to-point sends.
 
 Every directed link gets three two-rank process groups of its own, created by all
 ranks in the same order (``comms.links.create_links``):
 
-* ``meta`` (gloo): fixed-size header slots, sender -> receiver;
-* ``data`` (NCCL when both ends are CUDA devices, else gloo): the packed payload;
-* ``credit`` (gloo): credits and the CLOSED notice, receiver -> sender.
+* ``meta`` (gloo): fixed-size header slots, writer -> reader;
+* ``data`` (the link's backend: NCCL between two CUDA devices, else gloo): the packed
+  payload;
+* ``credit`` (gloo): credits and the CLOSED notice, reader -> writer.
 
 Groups are never shared between links or directions, so the two links of a pair never
 wait on each other inside one communicator (NCCL's opposite-send deadlock), and no
@@ -14,35 +15,33 @@ two ranks arrive in the order they were posted, which all backends guarantee.
 
 A message travels as: slot [-> overflow header] [-> payload]. The slot carries a small
 frame (kind, flags, lengths, send timestamp), the encoded header and, on gloo, payloads
-of at most ``inline_max_bytes``. Credits make the receive queue bounded: the sender
-starts with ``capacity`` credits, spends one per message, and the receiver returns one
+of at most ``inline_max_bytes``. Credits make the receive queue bounded: the writer
+starts with ``capacity`` credits, spends one per message, and the reader returns one
 per ``recv``. Receives are posted ahead (``comms.posted``): no rendezvous round trip.
 
 Waiting on an idle link: gloo closes the connection when a ``wait(timeout)`` expires
 (measured: the next wait fails with "Application timeout caused pair closure"), so a
 timed-out wait cannot be retried. Idle waits therefore use a ten-year timeout, and
-background threads end through the protocol instead: the sender's END is answered by
-the receiver's CLOSED and vice versa, and a dead peer breaks the connection, which gloo
+background threads end through the protocol instead: the writer's END is answered by
+the reader's CLOSED and vice versa, and a dead peer breaks the connection, which gloo
 reports at once. Waits that follow a started transfer use ``peer_timeout_s``; when one
-expires the peer counts as stalled and the link as failed. An ``atexit`` hook closes
-the live channels and joins their threads, because a process that exits while a
-thread is still inside a gloo wait on a broken connection can abort in C++.
+expires the peer counts as stalled and the link as failed. A writer's ``join`` waits
+for its credit reader, which stops once CLOSED came back and END has gone out: gloo
+reports a transfer complete only to a wait, and ``join`` must not cut the connection
+when its own timeout runs out first.
 
-Threads per link end: the sender has a credit reader; the receiver has a slot reader
+Threads per link end: the writer has a credit reader; the reader has a slot reader
 (which also receives payloads) and a credit writer. Exactly one thread sends on each
-group direction at a time: ``send``, ``close`` and the credit reader's END serialise on
-one lock, and only the credit writer sends on the credit group.
+group direction at a time: sends and END serialise on one lock (END only once no send
+runs, ``comms.endpoint``), and only the credit writer sends on the credit group.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import struct
 import threading
 import time
-import weakref
-from typing import TYPE_CHECKING
 from collections import deque
 from datetime import timedelta
 
@@ -50,22 +49,30 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from comms.channel import Channel, LinkStats
+from comms.channel import deadline_of, remaining
 from comms.config import TransportConfig
-from comms.errors import ChannelClosed, ChannelTimeout, HeaderError, PeerFailure, TransportError
-from comms.header import TensorSpec, align_up, decode_header, encode_for_send, pack_tensors, unpack_tensors
-from comms.inprocess import deadline_of, remaining
+from comms.endpoint import CrossRankReader, CrossRankWriter
+from comms.errors import (
+    ChannelClosed,
+    ChannelTimeout,
+    HeaderError,
+    PeerFailure,
+    TransportError,
+)
+from comms.header import (
+    TensorSpec,
+    align_up,
+    decode_header,
+    pack_tensors,
+    unpack_tensors,
+)
+from comms.link_spec import LinkSpec
 from comms.message import Message
-from comms.posted import Peer, Posted, await_cuda, concise_error, filler, next_prepost
-
-if TYPE_CHECKING:
-    from comms.links import LinkSpec
+from comms.posted import Peer, Posted, await_cuda, filler, next_prepost
 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT = timedelta(days=3650)
-CLOSE_TIMEOUT_S = 2.0
-"""Longest ``close`` waits for its END to go out (bounded further by peer_timeout_s)."""
 
 _SLOT = struct.Struct("<4sBBHIQd")  # magic, slot kind, flags, reserved, header_len, payload_len, send time
 _SLOT_MAGIC = b"MMS1"
@@ -73,86 +80,50 @@ _SLOT_MSG, _SLOT_END = 1, 2
 _FLAG_INLINE, _FLAG_OVERFLOW, _FLAG_PAYLOAD, _FLAG_OVERSIZE = 1, 2, 4, 8
 _CREDIT, _CLOSED = 1, 2
 
-_live: "weakref.WeakSet[TorchChannel]" = weakref.WeakSet()
 
+class TorchWriter(CrossRankWriter):
+    """The sending end of a torch.distributed link. See the module docstring for the
+    protocol and threads."""
 
-class TorchChannel(Channel):
-    """One end of a cross-rank link; ``send`` works on the source rank, ``recv`` on the
-    destination rank. See the module docstring for the protocol and threads."""
-
-    def __init__(self, spec: LinkSpec, *, rank: int, meta, data, credit, data_backend: str,
-                 config: TransportConfig) -> None:
-        self.name = spec.name
-        self.capacity = config.link_capacity
-        self.stats = LinkStats()
-        self.spec = spec
-        self.is_sender = rank == spec.src_rank
-        self._peer = spec.dst_rank if self.is_sender else spec.src_rank
+    def __init__(self, spec: LinkSpec, *, meta, data, credit, config: TransportConfig) -> None:
+        super().__init__(spec, config)
         self._meta, self._data, self._credit = (Peer(g, self._peer) for g in (meta, data, credit))
-        self._data_backend = data_backend
-        self._prepost = data_backend == "gloo"
+        self._data_backend = spec.backend
+        self._prepost = spec.backend == "gloo"
         """Gloo data links keep a payload receive posted (see the module docstring)."""
         self._posted_bytes = config.prepost_bytes
-        """Size of the payload receive posted at the receiver, tracked by both ends."""
+        """Size of the payload receive posted at the reader, tracked by both ends."""
         self._config = config
         self._peer_wait = timedelta(seconds=config.peer_timeout_s)
-        self._cond = threading.Condition()
-        self._closed = False
-        self._failure: str | None = None
-        self._threads: list[threading.Thread] = []
-        if self.is_sender:
-            self._credits = config.link_capacity
-            self._peer_closed = False
-            self._end_sent = False
-            self._send_lock = threading.Lock()
-            self._slot = torch.zeros(config.slot_bytes, dtype=torch.uint8)
-            self.sent_by_path = {"inline": 0, "payload": 0, "overflow": 0, "oversize": 0, "empty": 0}
-            """Messages sent per path: inline / payload / empty say where the payload went;
-            overflow counts headers too big for the slot, oversize payloads too big for
-            the posted receive (each costs one round trip more)."""
-            self._start(self._credit_reader, "credits-in")
-        else:
-            self._queue: deque[Message] = deque()
-            self._ended = False
-            self._pending_credits = 0
-            self._device = torch.device(spec.dst_device)
-            self._posted_data: Posted | None = None
-            self._start(self._slot_reader, "slots-in")
-            self._start(self._credit_writer, "credits-out")
-        _live.add(self)
+        self._send_lock = threading.Lock()
+        self._slot = torch.zeros(config.slot_bytes, dtype=torch.uint8)
+        self._end: list[tuple[object, torch.Tensor]] | None = None
+        """END's transfers once posted, each with the buffer it must keep alive."""
+        self.sent_by_path = {"inline": 0, "payload": 0, "overflow": 0, "oversize": 0, "empty": 0}
+        """Messages sent per path: inline / payload / empty say where the payload went;
+        overflow counts headers too big for the slot, oversize payloads too big for
+        the posted receive (each costs one round trip more)."""
+        self._credit_thread = _start_thread(self._credit_reader, self.name, "credits-in")
 
-    # ----------------------------------------------------------------- sender side
-
-    def send(self, msg: Message, timeout: float | None = None) -> None:
-        if not self.is_sender:
-            raise TransportError(f"link {self.name!r}: rank {self.spec.dst_rank} is the receiving end")
-        deadline = deadline_of(timeout)
-        specs, total, header = encode_for_send(self.name, msg)
-        started = time.monotonic()
+    def _deliver(self, msg: Message, header: bytes, specs: list[TensorSpec], total: int,
+                 deadline: float | None, timeout: float | None) -> None:
         with self._cond:
             has_credit = self._cond.wait_for(
                 lambda: self._credits > 0 or self._closed or self._peer_closed or self._failure is not None,
                 remaining(deadline))
             self._raise_if_unusable()
             if not has_credit:
-                raise ChannelTimeout(f"link {self.name!r}: no credit within {timeout} s "
-                                     f"({self.capacity} messages in flight)")
+                raise self._no_credit(timeout)
             self._credits -= 1
         try:
             with self._send_lock:
-                if self._end_sent:
-                    raise ChannelClosed(f"link {self.name!r} is closed")
                 self._transmit(msg, header, specs, total)
         except RuntimeError as e:
             if isinstance(e, TransportError):
                 raise
             raise PeerFailure(self._fail(f"send to rank {self._peer} failed: {e}")) from None
-        self.stats.record_send(msg.payload_bytes, time.monotonic() - started)
 
     def credits(self) -> int:
-        """Free send credits on the sending end; always 0 on the receiving end."""
-        if not self.is_sender:
-            return 0
         with self._cond:
             if self._closed or self._peer_closed or self._failure is not None:
                 return 0
@@ -231,34 +202,77 @@ class TorchChannel(Channel):
         with self._cond:
             self._peer_closed = True
             self._cond.notify_all()
-        # The receiver's slot reader stops only at END, so it gets one even when this
-        # side never closes.
-        self._send_end(wait_s=self._config.peer_timeout_s)
+            post_end = self._claim_end()
+        if post_end:
+            self._post_end()
+        self._await_end()
 
-    def _send_end(self, wait_s: float) -> None:
-        if not self._send_lock.acquire(timeout=wait_s):
-            log.warning("link %r: a send is still running after %.1f s; END not sent", self.name, wait_s)
-            return
+    def _await_end(self) -> None:
+        """Wait until END has gone out: posted by this thread just now, by ``close``, or
+        by a send still running (bounded by ``peer_timeout_s``) as it finishes. The
+        reader, which has answered, takes it at once."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._end is not None or self._failure is not None)
         try:
-            if self._end_sent or self._failure is not None:
-                return
-            self._end_sent = True
-            _SLOT.pack_into(self._slot.numpy(), 0, _SLOT_MAGIC, _SLOT_END, 0, 0, 0, 0, time.time())
-            works = [self._meta.isend(self._slot[:_SLOT.size])]
-            if self._prepost:  # completes the payload receive the receiver has posted
-                works.append(self._data.isend(filler()))
-            for work in works:
-                work.wait(timeout=timedelta(seconds=wait_s))
+            for work, _ in self._end or []:
+                work.wait(timeout=self._peer_wait)
         except Exception as e:
             self._fail(f"END to rank {self._peer} failed: {e}")
-        finally:
-            self._send_lock.release()
 
-    # --------------------------------------------------------------- receiver side
+    def _end_wanted(self) -> bool:
+        # The reader's slot reader stops only at END, so it gets one even when this
+        # end never closes.
+        return self._closed or self._peer_closed
+
+    def _post_end(self) -> None:
+        with self._send_lock:
+            try:
+                _SLOT.pack_into(self._slot.numpy(), 0, _SLOT_MAGIC, _SLOT_END, 0, 0, 0, 0, time.time())
+                end_slot = self._slot[:_SLOT.size]
+                end = [(self._meta.isend(end_slot), end_slot)]
+                if self._prepost:  # completes the payload receive the reader has posted
+                    end_filler = filler()
+                    end.append((self._data.isend(end_filler), end_filler))
+            except Exception as e:
+                self._fail(f"END to rank {self._peer} failed: {e}")
+                return
+        with self._cond:
+            self._end = end
+            self._cond.notify_all()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """True once no send is running and the credit reader has stopped: at the
+        reader's CLOSED, with END gone out after it, or at a failure."""
+        deadline = deadline_of(timeout)
+        if not self._sends_finished(deadline):
+            return False
+        self._credit_thread.join(remaining(deadline))
+        return not self._credit_thread.is_alive()
+
+    def _closable_at_exit(self) -> bool:
+        return dist.is_initialized()  # once the groups are destroyed, nothing can be sent on them
+
+
+class TorchReader(CrossRankReader):
+    """The receiving end of a torch.distributed link. See the module docstring for the
+    protocol and threads."""
+
+    def __init__(self, spec: LinkSpec, *, meta, data, credit, config: TransportConfig) -> None:
+        super().__init__(spec, config)
+        self._meta, self._data, self._credit = (Peer(g, self._peer) for g in (meta, data, credit))
+        self._data_backend = spec.backend
+        self._prepost = spec.backend == "gloo"
+        self._posted_bytes = config.prepost_bytes
+        self._config = config
+        self._peer_wait = timedelta(seconds=config.peer_timeout_s)
+        self._queue: deque[Message] = deque()
+        self._pending_credits = 0
+        self._device = torch.device(spec.dst_device)
+        self._posted_data: Posted | None = None
+        self._threads = [_start_thread(self._slot_reader, self.name, "slots-in"),
+                         _start_thread(self._credit_writer, self.name, "credits-out")]
 
     def recv(self, timeout: float | None = None) -> Message:
-        if self.is_sender:
-            raise TransportError(f"link {self.name!r}: rank {self.spec.src_rank} is the sending end")
         deadline = deadline_of(timeout)
         with self._cond:
             self._cond.wait_for(
@@ -275,7 +289,7 @@ class TorchChannel(Channel):
             if self._failure is not None:
                 raise PeerFailure(self._failure)
             if self._ended:
-                raise ChannelClosed(f"link {self.name!r}: rank {self._peer} sent END")
+                raise self._ended_error()
         raise ChannelTimeout(f"link {self.name!r}: nothing arrived within {timeout} s")
 
     def _slot_reader(self) -> None:
@@ -383,68 +397,25 @@ class TorchChannel(Channel):
         except Exception as e:
             self._fail(f"credit to rank {self._peer} failed: {e}")
 
-    # ------------------------------------------------------------------- both ends
-
-    def close(self) -> None:
-        """Close this end. Sender: END goes out (waiting at most ~2 s for a send still
-        in progress); the receiver drains what it holds, then gets ChannelClosed.
-        Receiver: queued messages are dropped and the sender learns through CLOSED."""
+    def _tell_writer_closed(self) -> None:
+        # The credit writer, woken by close, sends CLOSED; the slot reader runs on until
+        # the writer's END, dropping what arrives.
         with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            if not self.is_sender:
-                self._queue.clear()
-            self._cond.notify_all()
-        if self.is_sender:
-            self._send_end(wait_s=min(CLOSE_TIMEOUT_S, self._config.peer_timeout_s))
+            self._queue.clear()
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait for this end's background threads; True when all have stopped."""
+        """True once both threads have stopped: the writer's END arrived (or the link
+        failed) and CLOSED went back."""
         deadline = deadline_of(timeout)
         for thread in self._threads:
             thread.join(remaining(deadline))
-        return not any(t.is_alive() for t in self._threads)
+        return not any(thread.is_alive() for thread in self._threads)
 
-    def _raise_if_unusable(self) -> None:
-        if self._failure is not None:
-            raise PeerFailure(self._failure)
-        if self._closed:
-            raise ChannelClosed(f"link {self.name!r} is closed")
-        if self._peer_closed:
-            raise ChannelClosed(f"link {self.name!r}: the receiver (rank {self._peer}) closed it")
-
-    def _fail(self, reason: str) -> str:
-        """Mark the link failed (first reason wins) and wake every waiter."""
-        with self._cond:
-            if self._failure is None:
-                self._failure = f"link {self.name!r}: {concise_error(reason)}"
-                if self._closed:
-                    log.debug("%s (after close)", self._failure)
-                else:
-                    log.error("%s", self._failure)
-            self._cond.notify_all()
-            return self._failure
-
-    def _start(self, target, role: str) -> None:
-        thread = threading.Thread(target=target, name=f"link-{self.name}-{role}", daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
-    def __repr__(self) -> str:
-        end = "send" if self.is_sender else "recv"
-        return (f"TorchChannel({self.name!r}, {end} end, rank {self.spec.src_rank} -> {self.spec.dst_rank}, "
-                f"data={self._data_backend}, capacity={self.capacity})")
+    def _closable_at_exit(self) -> bool:
+        return dist.is_initialized()  # once the groups are destroyed, nothing can be sent on them
 
 
-@atexit.register
-def _close_live_channels() -> None:
-    if not dist.is_initialized():
-        return  # the groups are gone (destroyed after a failure): nothing can be sent on them
-    channels = list(_live)
-    for channel in channels:
-        channel.close()
-    deadline = time.monotonic() + CLOSE_TIMEOUT_S
-    for channel in channels:
-        if not channel.join(max(0.0, deadline - time.monotonic())):
-            log.debug("link %r: background threads still running at exit", channel.name)
+def _start_thread(target, link: str, role: str) -> threading.Thread:
+    thread = threading.Thread(target=target, name=f"link-{link}-{role}", daemon=True)
+    thread.start()
+    return thread

@@ -12,11 +12,19 @@ import argparse
 import os
 import signal
 import sys
+import traceback
 
-
-from runtime.config import load_config
-from runtime.config_loader import ConfigError
-from runtime.dist import cuda_devices, destroy_distributed, init_distributed, launch_from_env
+from core.config import ConfigError
+from runtime.compose import compose, format_part
+from runtime.config import ComputeConfig, JobConfig, load_config
+from runtime.dist import (
+    Launch,
+    cuda_devices,
+    destroy_distributed,
+    init_distributed,
+    launch_from_env,
+)
+from runtime.lifecycle import JobFailed
 from runtime.log import init_logger
 from runtime.planner import PlanError, format_plan, plan
 
@@ -26,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML config; omitted: the embedded default mirror pipeline")
     p.add_argument("--host", help="address the web server binds (overrides server.host)")
     p.add_argument("--port", type=int, help="web server port (overrides server.port)")
-    p.add_argument("--dry-run", action="store_true", help="print the rank plan and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and what every rank runs, then exit")
     p.add_argument("--world-size", type=int, help="with --dry-run: ranks to plan for")
     p.add_argument("--nnodes", type=int, help="with --dry-run: nodes to plan for")
     p.add_argument("--gpus-per-node", type=int, help="with --dry-run: GPUs per node (default: this machine's)")
@@ -41,46 +49,75 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides)
         if args.dry_run:
-            world = args.world_size or where.world_size
-            the_plan = plan(config.pipeline, world, args.nnodes or 1,
-                            cuda_devices() if args.gpus_per_node is None else args.gpus_per_node)
-            sys.stdout.write(format_plan(the_plan, config.transport.backend) + "\n")
+            sys.stdout.write(dry_run(config, args, where) + "\n")
             return 0
-        the_plan = plan(config.pipeline, where.world_size, where.nnodes, cuda_devices())
-        where.check_matches(the_plan.ranks[where.rank].node, the_plan.ranks[where.rank].local_rank)
-    except PlanError as e:
-        log.error("cannot place the pipeline: %s", e.in_config())
-        return 2
+        the_plan = plan(config.pipeline, where.world_size, where.nnodes, cuda_devices(), config.transport)
+        me = the_plan.ranks[where.rank]
+        where.check_matches(me.node, me.local_rank)
+        from runtime.rank_runtime import (
+            RankRuntime,  # heavy imports only for a real run
+        )
+
+        runtime = RankRuntime(config, the_plan, where.rank)
     except (ConfigError, RuntimeError) as e:
-        log.error("%s", e)
+        # Every rank reads the same file: one line per node is enough.
+        if where.local_rank == 0:
+            log.error("%s", e.in_config() if isinstance(e, PlanError) else e)
         return 2
 
-    from runtime.rank_runtime import RankRuntime  # heavy imports only for a real run
-    import torch
-
-    torch.set_num_threads(config.compute.torch_threads)
-    log = init_logger(where.rank, the_plan.ranks[where.rank].role, config.compute.log_level)
-    runtime = RankRuntime(config, the_plan, where.rank)
+    setup_compute(config.compute)
+    log = init_logger(where.rank, me.role, config.compute.log_level)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda s, _f: runtime.note_signal(signal.Signals(s).name))
     if the_plan.world_size > 1:
-        init_distributed(the_plan.backend(config.transport.backend), config.transport.init_timeout_s)
-    clean = True
+        init_distributed(the_plan.backend, config.transport.init_timeout_s)
     try:
         runtime.start()
         if runtime.url:
             sys.stdout.write(f"Mind Mirror is running: open {runtime.url}\n")
             sys.stdout.flush()
         runtime.wait()
-    except Exception as e:
-        runtime.fail(f"{type(e).__name__}: {e}")
-    finally:
-        runtime.close()
-        if the_plan.world_size > 1:
-            clean = destroy_distributed(runtime.shutdown_budget())
-    if not clean:
+    except JobFailed:
+        pass  # logged where the failure was found
+    except Exception:
+        # A bug: the other ranks must still stop in order, and the traceback must survive.
+        runtime.fail("unexpected error (traceback follows in this rank's log)")
+        if not shut_down(runtime):
+            traceback.print_exc()
+            os._exit(1)
+        raise
+    if not shut_down(runtime):
         os._exit(1)  # a peer left the group wedged; threads may still hold it
     return 0 if runtime.failure is None else 1
+
+
+def shut_down(runtime) -> bool:
+    """Stop every piece of this rank in order, then leave the process group; False when
+    the group could not be left in time."""
+    runtime.close()
+    if runtime.plan.world_size > 1:
+        return destroy_distributed(runtime.shutdown_budget())
+    return True
+
+
+def setup_compute(compute: ComputeConfig) -> None:
+    """Threads per process, set once here for every stage of this process: the ranks of a
+    node share its cores, and a pool per library per rank would oversubscribe them."""
+    import cv2
+    import torch
+
+    torch.set_num_threads(compute.torch_threads)
+    if compute.opencv_threads:
+        cv2.setNumThreads(compute.opencv_threads)
+
+
+def dry_run(config: JobConfig, args: argparse.Namespace, where: Launch) -> str:
+    """The plan for the layout asked for, and what each of its ranks would run."""
+    world = args.world_size or where.world_size
+    gpus = cuda_devices() if args.gpus_per_node is None else args.gpus_per_node
+    the_plan = plan(config.pipeline, world, args.nnodes or 1, gpus, config.transport)
+    parts = [format_part(compose(the_plan, rank, config)) for rank in range(the_plan.world_size)]
+    return "\n".join([format_plan(the_plan), *parts])
 
 
 if __name__ == "__main__":

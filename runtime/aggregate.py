@@ -1,7 +1,7 @@
-"""Rank 0's picture of the whole job: what the ``stats`` message and /metrics report.
+"""The server rank's picture of the whole job: what the ``stats`` message and /metrics report.
 
 Inputs: each rank's heartbeat snapshot (stage and link metrics), every delivered
-frame's trace (spans across ranks), and the ingest queue's drop counts. Outputs:
+frame's trace (spans across ranks), and the inbox's drop counts. Outputs:
 ``stats()`` (JSON for the page) and ``prometheus_text()`` (for scrapers).
 """
 
@@ -15,19 +15,20 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from comms.message import Message
+from runtime.live_view import LiveView
 from runtime.metrics import RateMeter, Window, percentiles, trace_spans
+from runtime.session_queue import SessionQueue
 
 
 class Aggregator:
-    def __init__(self, roles: dict[int, str], liveness: Callable[[], dict[int, tuple[bool, float]]],
-                 ingest_counts: Callable[[], tuple[int, int]], revision: Callable[[], int],
-                 local_snapshot: Callable[[], dict] | None = None) -> None:
+    def __init__(self, *, roles: dict[int, str], liveness: Callable[[], dict[int, tuple[bool, float]]],
+                 inbox: SessionQueue | None, live: LiveView, local_snapshot: Callable[[], dict]) -> None:
         self.roles = roles
         self._local_snapshot = local_snapshot
+        """The server rank's own stages and links, read fresh for every ``stats()``."""
         self._liveness = liveness
-        self._ingest_counts = ingest_counts
-        """(frames dropped for newer ones, frames flushed by a config change) at ingest."""
-        self._revision = revision
+        self._inbox = inbox
+        self._live = live
         self._snapshots: dict[int, dict] = {}
         self._spans: dict[str, Window] = {}
         self._server_latency = Window()
@@ -68,10 +69,11 @@ class Aggregator:
     # -- outputs ---------------------------------------------------------------------
 
     def stats(self) -> dict:
-        if self._local_snapshot is not None:
-            self.on_snapshot(0, self._local_snapshot())  # rank 0's own stages, fresh
+        local = self._local_snapshot()
+        self.on_snapshot(local["rank"], local)
         liveness = self._liveness()
-        dropped, flushed = self._ingest_counts()
+        # Frames the inbox dropped for newer ones, and flushed after a config change.
+        dropped, flushed = (self._inbox.dropped_total, self._inbox.flushed) if self._inbox else (0, 0)
         with self._lock:
             snapshots = dict(self._snapshots)
             spans = {k: percentiles(w.values()) for k, w in self._spans.items()}
@@ -95,7 +97,7 @@ class Aggregator:
             "hops": hops,
             "spans": spans,
             "drops": {"ingest": dropped, "flushed": flushed, "late": late},
-            "revision": self._revision(),
+            "revision": self._live.get().revision,
             "ranks": [
                 {"rank": r, "role": self.roles.get(r, "?"), "alive": alive, "last_seen_s": round(silent, 2)}
                 for r, (alive, silent) in sorted(liveness.items())

@@ -1,23 +1,24 @@
 """The job's config: one typed section per concern, loaded from YAML, checked at startup.
 
     pipeline:   which stages, in which order, how many replicas, where (PipelineConfig)
-    server:     the rank-0 web server (ServerConfig)
+    server:     the web server on the server rank (ServerConfig)
     transport:  links between ranks (TransportConfig)
     control:    heartbeats, liveness, shutdown (ControlConfig)
-    compute:    per-process threads and logging (ComputeConfig)
+    compute:    threads per process and logging (ComputeConfig)
     flow:       queueing at the pipeline's entrance (FlowConfig)
     runtime:    the initial live settings the page can change (RuntimeSettings)
     presets:    named partial live settings (``preset.apply``)
-    ingest / vision / generator / display / synthetic: each stage kind's own section
-                (a stage's ``options`` override fields of it for that stage alone)
+    <kind>:     each stage kind's own section, named like the kind (``vision:``,
+                ``generator:``, a plugin's ``tone:``); a stage's ``options`` override
+                fields of it for that stage alone
 
 Every default lives on a dataclass field; a file only states what differs. Unknown
-keys and bad values stop the job before anything starts, naming the field.
+keys and bad values stop the job before anything starts, every one of them reported
+at once with its field's path.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,17 +26,13 @@ from typing import Any
 import yaml
 
 from comms.config import TransportConfig
-from runtime.config_loader import ConfigError, build, check, check_choice, check_range, to_dict
+from core.config import ConfigError, Problem, build, check_choice, check_range, to_dict
+from core.settings import RuntimeSettings
 from runtime.control import ControlConfig
-from runtime.live_config import LiveConfig, RuntimeSettings
+from runtime.live_config import merged
 from runtime.pipeline_config import PipelineConfig, StageSpec
-from runtime.registry import STAGE_KINDS
-from stages.display import DisplayConfig
-from stages.generator.stage import GeneratorConfig
-from stages.ingest import IngestConfig
+from stages.registry import UnknownStageKind, load_plugins, stage_class
 from stages.server.config import ServerConfig
-from stages.synthetic import SyntheticConfig
-from stages.vision.config import VisionConfig
 
 
 def default_presets() -> dict[str, dict[str, Any]]:
@@ -51,68 +48,66 @@ def default_presets() -> dict[str, dict[str, Any]]:
 @dataclass(kw_only=True, slots=True)
 class ComputeConfig:
     torch_threads: int = 1
-    """Intra-op threads per process; 1 keeps ranks from fighting over a few cores."""
+    """Intra-op threads per process; 1 keeps the ranks of a node from fighting over its cores."""
+    opencv_threads: int = 1
+    """OpenCV's own thread pool per process (JPEG codecs, the face detector); 1 for the same
+    reason, and one small frame gains nothing from splitting. 0 leaves OpenCV's default."""
     log_level: str = "INFO"
     """Log level for every rank."""
 
     def __post_init__(self) -> None:
         check_range(self.torch_threads, "torch_threads", 1, 256)
+        check_range(self.opencv_threads, "opencv_threads", 0, 256)
         check_choice(self.log_level, "log_level", ("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
 @dataclass(kw_only=True, slots=True)
 class FlowConfig:
     session_queue_depth: int = 2
-    """Camera frames each browser session may have waiting for ingest; older ones are
-    dropped. Small on purpose: a live mirror should show the newest frame, not catch up."""
+    """Camera frames each browser session may have waiting for the first stage; older ones
+    are dropped. Small on purpose: a live mirror should show the newest frame, not catch up."""
 
     def __post_init__(self) -> None:
         check_range(self.session_queue_depth, "session_queue_depth", 1, 64)
 
 
-@dataclass(kw_only=True, slots=True)
-class MirrorConfig:
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-    server: ServerConfig = field(default_factory=ServerConfig)
-    transport: TransportConfig = field(default_factory=TransportConfig)
-    control: ControlConfig = field(default_factory=ControlConfig)
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
-    flow: FlowConfig = field(default_factory=FlowConfig)
-    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
-    presets: dict[str, dict[str, Any]] = field(default_factory=default_presets)
-    ingest: IngestConfig = field(default_factory=IngestConfig)
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
-    display: DisplayConfig = field(default_factory=DisplayConfig)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+SECTIONS: dict[str, type] = {
+    "pipeline": PipelineConfig,
+    "server": ServerConfig,
+    "transport": TransportConfig,
+    "control": ControlConfig,
+    "compute": ComputeConfig,
+    "flow": FlowConfig,
+    "runtime": RuntimeSettings,
+}
+"""The runtime's own sections; every other top-level key is a stage kind's section."""
+PRESETS = "presets"
 
-    def __post_init__(self) -> None:
-        stages = self.pipeline.stages
-        for i, spec in enumerate(stages):
-            check_choice(spec.kind, f"pipeline.stages[{i}].kind", sorted(STAGE_KINDS))
-            try:
-                self.stage_config(spec)
-            except ConfigError as e:
-                raise e.under(f"pipeline.stages[{i}].options") from None
-        # Browsers talk to rank 0 only, so frames enter and leave the pipeline there.
-        check(stages[0].placement == "server", "pipeline.stages[0].placement",
-              f"the first stage ({stages[0].name}) receives browser frames and must be 'server'")
-        check(stages[-1].placement == "server", f"pipeline.stages[{len(stages) - 1}].placement",
-              f"the last stage ({stages[-1].name}) returns frames to browsers and must be 'server'")
-        LiveConfig(self.runtime, self.presets)  # validates every preset against the settings
+
+@dataclass(kw_only=True, slots=True)
+class JobConfig:
+    pipeline: PipelineConfig
+    server: ServerConfig
+    transport: TransportConfig
+    control: ControlConfig
+    compute: ComputeConfig
+    flow: FlowConfig
+    runtime: RuntimeSettings
+    presets: dict[str, dict[str, Any]]
+    kind_sections: dict[str, Any] = field(default_factory=dict)
+    """Each stage kind's section, by kind: every kind the pipeline uses or the file configures."""
+    stage_configs: dict[str, Any] = field(default_factory=dict)
+    """The config each stage runs with, by stage name: its kind's section, with the fields
+    named in the stage's ``options`` replaced."""
 
     def stage_config(self, spec: StageSpec) -> Any:
-        """The config one stage runs with: its kind's section, with the fields named in the
-        stage's ``options`` replaced for this stage alone (and the section's rules re-checked)."""
-        section = getattr(self, spec.kind)
-        if not spec.options:
-            return section
-        return build(STAGE_KINDS[spec.kind].Config, {**to_dict(section), **spec.options})
+        return self.stage_configs[spec.name]
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> MirrorConfig:
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> JobConfig:
     """Load ``path`` (None: the embedded defaults) and apply dotted ``overrides``."""
     data: dict[str, Any] = {}
+    base_dir = None
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -123,11 +118,89 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+        base_dir = path.resolve().parent
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
-        data.setdefault(section, {})[key] = value
-    return build(MirrorConfig, data)
+        target = data.setdefault(section, {})
+        if isinstance(target, dict):
+            target[key] = value
+    return config_from_dict(data, base_dir)
 
 
-def config_fields(section: Any) -> list[str]:
-    return [f.name for f in dataclasses.fields(section)]
+def config_from_dict(data: dict[str, Any], base_dir: Path | None = None) -> JobConfig:
+    """The job config from plain data; one ``ConfigError`` lists every problem found.
+    ``base_dir`` is where relative plugin files are looked for."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping of sections, got {type(data).__name__}")
+    problems: list[Problem] = []
+
+    def attempt(fn, *args):
+        try:
+            return fn(*args)
+        except ConfigError as e:
+            problems.extend(e.problems)
+            return None
+
+    sections = {name: attempt(build, cls, data.get(name), name) for name, cls in SECTIONS.items()}
+    presets = attempt(_presets, data.get(PRESETS, default_presets()), sections["runtime"])
+    pipeline: PipelineConfig | None = sections["pipeline"]
+    kinds = _stage_kinds(data, pipeline, base_dir, problems)
+    kind_sections = {kind: attempt(build, cls.Config, data.get(kind), kind) for kind, cls in kinds.items()}
+    stage_configs = {}
+    if pipeline is not None:
+        for i, spec in enumerate(pipeline.stages):
+            section = kind_sections.get(spec.kind)
+            if section is not None:
+                stage_configs[spec.name] = (
+                    attempt(_with_options, kinds[spec.kind].Config, section, spec.options, i)
+                    if spec.options else section)
+    if problems:
+        raise ConfigError(problems=problems)
+    return JobConfig(**sections, presets=presets, kind_sections=kind_sections, stage_configs=stage_configs)
+
+
+def _stage_kinds(data: dict[str, Any], pipeline: PipelineConfig | None, base_dir: Path | None,
+                 problems: list[Problem]) -> dict[str, type]:
+    """The stage class of every kind the pipeline uses or the file configures."""
+    if pipeline is not None:
+        try:
+            load_plugins(pipeline.plugins, base_dir)
+        except ImportError as e:
+            problems.append(Problem("pipeline.plugins", str(e)))
+    kinds: dict[str, type] = {}
+    wanted = [(f"pipeline.stages[{i}].kind", spec.kind) for i, spec in enumerate(pipeline.stages if pipeline else [])]
+    wanted += [(key, key) for key in data if key not in SECTIONS and key != PRESETS]
+    for where, kind in wanted:
+        if kind in kinds:
+            continue
+        try:
+            kinds[kind] = stage_class(kind)
+        except UnknownStageKind as e:
+            if where == kind:  # a top-level key that is neither a section nor a kind
+                allowed = ", ".join([*SECTIONS, PRESETS])
+                problems.append(Problem(kind, f"unknown key; allowed: {allowed}, or the section of a stage kind ({e})"))
+            else:
+                problems.append(Problem(where, str(e)))
+    return kinds
+
+
+def _with_options(config_class: type, section: Any, options: dict[str, Any], index: int) -> Any:
+    """The kind's section with ``options`` replacing some fields, re-checked as a whole."""
+    try:
+        return build(config_class, {**to_dict(section), **options})
+    except ConfigError as e:
+        raise e.under(f"pipeline.stages[{index}].options") from None
+
+
+def _presets(value: Any, runtime: RuntimeSettings | None) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ConfigError(f"expected a mapping of preset names to partial live settings, got {value!r}", PRESETS)
+    problems = []
+    for name, values in value.items():
+        try:
+            merged(runtime or RuntimeSettings(), values, path=f"{PRESETS}.{name}")
+        except ConfigError as e:
+            problems += e.problems
+    if problems:
+        raise ConfigError(problems=problems)
+    return {str(name): dict(values) for name, values in value.items()}

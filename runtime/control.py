@@ -1,16 +1,18 @@
-"""The control plane: live config, liveness and stop, between rank 0 and the others.
+"""The control plane: live config, liveness and stop, between the server rank and the others.
 
-Rank 0 runs a ``ControlHub``; every other rank a ``ControlClient``. They talk over two
-small links per rank (gloo, CPU), apart from the data links:
+The server rank runs a ``ControlHub``; every other rank a ``ControlClient``. They talk
+over two small links per rank (CPU; the planner lists them beside the data links):
 
-    ctl:0->r     Kind.CONTROL  {"op": "config", "revision", "settings"} | {"op": "stop", "reason", "failed"}
-    status:r->0  Kind.STATUS   {"op": "heartbeat", "snapshot": {...metrics...}}
-                               {"op": "leaving", "reason", "failed"}  (last, when the rank stops)
-                 Kind.EVENT    a stage's notice for a browser session, forwarded to rank 0
+    control:s->r  Kind.CONTROL  {"op": "config", "revision", "settings"} | {"op": "stop", "reason", "failed"}
+    status:r->s   Kind.STATUS   {"op": "heartbeat", "snapshot": {...metrics...}}
+                                {"op": "leaving", "reason", "failed"}  (last, when the rank stops)
+                  Kind.EVENT    a stage's notice for a browser session, forwarded to the server
 
 A rank that sends no heartbeat for ``liveness_timeout_s`` is declared stalled, and a
-broken link is a dead rank: either way rank 0 reports which rank and role, tells the
-others to stop, and the job ends with a failure instead of hanging.
+broken link is a dead rank: either way the hub reports which rank and role, tells the
+others to stop, and the job ends with a failure instead of hanging. Every control
+thread is guarded: a bug in one ends the job visibly instead of leaving a rank deaf to
+stop or looking stalled.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from comms.channel import Channel
+from comms.channel import ChannelReader, ChannelWriter
 from comms.errors import ChannelClosed, ChannelTimeout, PeerFailure, TransportError
 from comms.message import Kind, Message
-from runtime.config_loader import check, check_range
-from runtime.live_config import RuntimeSettings, settings_from_dict, settings_to_dict
+from core.config import check, check_range
+from core.settings import RuntimeSettings
+from runtime.lifecycle import Lifecycle
+from runtime.live_config import settings_from_dict, settings_to_dict
 from runtime.live_view import LiveView
 
 log = logging.getLogger(__name__)
@@ -35,7 +39,7 @@ log = logging.getLogger(__name__)
 @dataclass(kw_only=True, slots=True)
 class ControlConfig:
     heartbeat_s: float = 0.5
-    """How often each rank reports liveness and metrics to rank 0."""
+    """How often each rank reports liveness and metrics to the server rank."""
     liveness_timeout_s: float = 5.0
     """A rank silent this long is declared stalled and the job stops."""
     shutdown_timeout_s: float = 10.0
@@ -53,33 +57,47 @@ def config_message(revision: int, settings: RuntimeSettings) -> Message:
                    meta={"op": "config", "revision": revision, "settings": settings_to_dict(settings)})
 
 
-class ControlHub:
-    """Rank 0's side: fan out config and stop, watch every rank's heartbeat."""
+def stop_message(reason: str, failed: bool) -> Message:
+    return Message(kind=Kind.CONTROL, meta={"op": "stop", "reason": reason, "failed": failed})
 
-    def __init__(self, *, config: ControlConfig, ctl: dict[int, Channel], status: dict[int, Channel],
-                 roles: dict[int, str], on_snapshot: Callable[[int, dict], None],
-                 on_event: Callable[[Message], None], on_stop: Callable[[str], None],
-                 on_failure: Callable[[str], None], stopping: threading.Event) -> None:
+
+def guarded(loop: Callable[[], None], name: str, lifecycle: Lifecycle) -> threading.Thread:
+    """A daemon thread running ``loop``; an exception in it fails the job with its traceback
+    in the log, rather than silently leaving this rank without part of its control plane."""
+    def run() -> None:
+        try:
+            loop()
+        except Exception as e:
+            log.exception("control plane thread %s failed", name)
+            lifecycle.fail(f"control plane thread {name} failed: {e!r}")
+
+    return threading.Thread(target=run, name=name, daemon=True)
+
+
+class ControlHub:
+    """The server rank's side: fan out config and stop, watch every rank's heartbeat."""
+
+    def __init__(self, *, config: ControlConfig, ctl: dict[int, ChannelWriter], status: dict[int, ChannelReader],
+                 roles: dict[int, str], lifecycle: Lifecycle, on_snapshot: Callable[[int, dict], None],
+                 on_event: Callable[[Message], None]) -> None:
         self.config = config
-        self.on_stop = on_stop
         self.ctl = ctl
         self.status = status
         self.roles = roles
+        self.lifecycle = lifecycle
+        self.stopping = lifecycle.stopping
         self.on_snapshot = on_snapshot
         self.on_event = on_event
-        self.on_failure = on_failure
-        self.stopping = stopping
         self.started = time.monotonic()
         self.last_seen: dict[int, float | None] = {r: None for r in status}
         """None until a rank's first heartbeat, which it sends once its stages are set up."""
         self.alive: dict[int, bool] = {r: True for r in status}
         self.all_reported = threading.Event()
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._listen, args=(r,), name=f"status-{r}", daemon=True)
-                         for r in status]
-        self._threads.append(threading.Thread(target=self._watch, name="liveness", daemon=True))
+        self._threads = [guarded(lambda r=r: self._listen(r), f"status-{r}", lifecycle) for r in status]
+        self._threads.append(guarded(self._watch, "liveness", lifecycle))
         self._outbox: queue.Queue[Message | threading.Event] = queue.Queue()
-        self._threads.append(threading.Thread(target=self._send_loop, name="control-out", daemon=True))
+        self._threads.append(guarded(self._send_loop, "control-out", lifecycle))
         if not status:
             self.all_reported.set()
 
@@ -171,49 +189,54 @@ class ControlHub:
         if self.stopping.is_set():
             return
         if failed:
-            log.error("%s failed: %s", self.describe(rank), reason)
-            self.on_failure(f"{self.describe(rank)} failed: {reason}")
+            self.lifecycle.fail(f"{self.describe(rank)} failed: {reason}")
         else:
-            self.on_stop(f"{self.describe(rank)} stopped: {reason}")
+            self.lifecycle.request_stop(f"{self.describe(rank)} stopped: {reason}")
 
     def _mark_dead(self, rank: int, reason: str) -> None:
         with self._lock:
             was_alive = self.alive.get(rank, False)
             self.alive[rank] = False
         if was_alive and not self.stopping.is_set():
-            log.error("%s", reason)
-            self.on_failure(reason)
+            self.lifecycle.fail(reason)
 
 
 class ControlClient:
     """A worker rank's side: apply config, obey stop, send heartbeats and events, and say
-    why it leaves. Rank 0 that stops taking status messages counts as stalled."""
+    why it leaves. A server rank that stops taking status messages counts as stalled.
 
-    def __init__(self, *, config: ControlConfig, ctl: Channel, status: Channel, live: LiveView,
-                 snapshot: Callable[[], dict], on_stop: Callable[[str], None],
-                 on_failure: Callable[[str], None], stopping: threading.Event) -> None:
+    ``start`` listens for control messages at once (a stop may come while this rank is
+    still setting up); ``report_ready`` starts the heartbeats, the first of which tells
+    the hub this rank is ready."""
+
+    def __init__(self, *, config: ControlConfig, ctl: ChannelReader, status: ChannelWriter, live: LiveView,
+                 snapshot: Callable[[], dict], lifecycle: Lifecycle, server: str) -> None:
         self.config = config
+        self.server = server
+        """The server rank as messages name it, e.g. 'rank 0 (server+ingest+display)'."""
         self.ctl = ctl
         self.status = status
         self.live = live
         self.snapshot = snapshot
-        self.on_stop = on_stop
-        self.on_failure = on_failure
-        self.stopping = stopping
+        self.lifecycle = lifecycle
+        self.stopping = lifecycle.stopping
         self._send_lock = threading.Lock()
         self._last_delivered = time.monotonic()
-        self._threads = [threading.Thread(target=self._guarded, args=(self._listen,), name="control", daemon=True),
-                         threading.Thread(target=self._guarded, args=(self._beat,), name="heartbeat", daemon=True)]
+        self._listener = guarded(self._listen, "control", lifecycle)
+        self._heartbeat = guarded(self._beat, "heartbeat", lifecycle)
 
     def start(self) -> None:
-        for t in self._threads:
-            t.start()
+        self._listener.start()
+
+    def report_ready(self) -> None:
+        self._last_delivered = time.monotonic()
+        self._heartbeat.start()
 
     def publish_event(self, msg: Message) -> None:
         self._send(msg)
 
     def leave(self, reason: str, failed: bool) -> None:
-        """The last status message: why this rank stops, so rank 0 can tell a clean stop
+        """The last status message: why this rank stops, so the hub can tell a clean stop
         (SIGTERM to one rank) from a failure and name the real cause."""
         self._send(Message(kind=Kind.STATUS, meta={"op": "leaving", "reason": reason, "failed": failed}))
 
@@ -228,20 +251,12 @@ class ControlClient:
                 if self.stopping.is_set():
                     return
                 if silent > self.config.liveness_timeout_s:
-                    self.on_failure(f"rank 0 stalled: it took no status message for {silent:.1f} s")
+                    self.lifecycle.fail(f"{self.server} stalled: it took no status message for {silent:.1f} s")
                 else:
-                    log.warning("rank 0 is not taking status messages (%.1f s); dropped one", silent)
+                    log.warning("%s is not taking status messages (%.1f s); dropped one", self.server, silent)
             except TransportError as e:
                 if not self.stopping.is_set():
-                    self.on_failure(f"lost the link to rank 0: {e}")
-
-    def _guarded(self, loop: Callable[[], None]) -> None:
-        # A bug in a control loop must end the job visibly, not leave a rank deaf to stop.
-        try:
-            loop()
-        except Exception as e:
-            log.exception("control plane thread failed")
-            self.on_failure(f"control plane failed: {e!r}")
+                    self.lifecycle.fail(f"lost the link to {self.server}: {e}")
 
     def _beat(self) -> None:
         while not self.stopping.is_set():
@@ -258,7 +273,7 @@ class ControlClient:
                 continue
             except (ChannelClosed, PeerFailure) as e:
                 if not self.stopping.is_set():
-                    self.on_failure(f"lost the control link from rank 0: {e}")
+                    self.lifecycle.fail(f"lost the control link from {self.server}: {e}")
                 return
             op = msg.meta.get("op")
             if op == "config":
@@ -267,9 +282,11 @@ class ControlClient:
                     log.info("live config revision %d applied", msg.meta["revision"])
             elif op == "stop" and msg.meta.get("failed"):
                 # The job failed elsewhere: this rank must end non-zero too, so that a
-                # scheduler sees one failed job rather than one failed rank.
-                self.on_failure(f"rank 0 stopped the job: {msg.meta.get('reason')}")
+                # scheduler sees one failed job rather than one failed rank. The reason
+                # is in the log of the rank that found it; repeating it here would print
+                # it once per rank.
+                self.lifecycle.fail(f"stopped by {self.server} after a failure (its log says why)")
             elif op == "stop":
-                self.on_stop(str(msg.meta.get("reason", "stop requested by rank 0")))
+                self.lifecycle.request_stop(str(msg.meta.get("reason", f"stop requested by {self.server}")))
             else:
                 log.warning("ignoring unknown control op %r", op)

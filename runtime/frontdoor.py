@@ -1,41 +1,43 @@
-"""Rank 0's bridge between the web server and the pipeline.
+"""The server rank's bridge between the web server and the pipeline.
 
 ``FrontDoor`` implements the server's ``PipelineHooks``: camera frames go into the
-``SessionQueue`` (the ingest stage's inbox), config changes go to ``LiveConfig`` and
-out over the control plane. ``OutputSink`` is the last stage's downstream "channel":
-it hands finished frames to the server, keeping each session's frames in order.
+``SessionQueue`` (the first stage's inlet), config changes go to ``LiveConfig`` and out
+to every rank. ``OutputSink`` is the last stage's outlet: it hands finished frames to
+the server, keeping each session's frames in order. Either end is absent when the
+pipeline starts with a source stage or ends in a sink.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any, Callable
 
 import torch
 
-from comms.channel import Channel, LinkStats
-from comms.errors import ChannelClosed
-from comms.message import Kind, Message
+from comms.message import Message
+from core.settings import STYLES, RuntimeSettings
 from runtime.aggregate import Aggregator
 from runtime.live_config import LiveConfig, settings_to_dict
 from runtime.live_view import LiveView
 from runtime.session_queue import SessionQueue
 from stages.server.hooks import SessionSink
+from stages.server.protocol import ErrorCode, ProtocolError
 
 log = logging.getLogger(__name__)
 
 
 class FrontDoor:
-    def __init__(self, *, live_config: LiveConfig, live_view: LiveView, inbox: SessionQueue,
-                 aggregator: Aggregator, broadcast: Callable[[int], None],
+    def __init__(self, *, pipeline: str, live_config: LiveConfig, live_view: LiveView, inbox: SessionQueue | None,
+                 aggregator: Aggregator, publish_config: Callable[[int, RuntimeSettings], None],
                  health: Callable[[], dict[str, Any]]) -> None:
+        self.pipeline = pipeline
         self.live_config = live_config
         self.live_view = live_view
         self.inbox = inbox
+        """None when the pipeline takes no camera frames (it starts with a source stage)."""
         self.aggregator = aggregator
-        self._broadcast = broadcast
+        self._publish_config = publish_config
         self._health = health
         self._config_lock = threading.Lock()
         self._open: set[str] = set()
@@ -53,17 +55,19 @@ class FrontDoor:
 
     def close_session(self, session: str) -> None:
         self._open.discard(session)
-        self.inbox.drop_session(session)
+        if self.inbox is not None:
+            self.inbox.drop_session(session)
         self.session_closed(session)
         log.info("session %s left", session)
 
     def submit_frame(self, session: str, frame_id: int, client_ts: float, jpeg: bytes,
                      width: int, height: int) -> None:
+        if self.inbox is None:
+            raise ProtocolError(ErrorCode.UNSUPPORTED_KIND, f"pipeline {self.pipeline!r} takes no camera frames")
         data = torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
-        msg = Message(kind=Kind.CAMERA_JPEG, session=session, frame_id=frame_id,
-                      revision=self.live_view.get().revision, client_ts=client_ts,
-                      meta={"width": width, "height": height}, tensors=[data])
-        self.inbox.send(msg.stamp("server.recv"))
+        msg = Message(session=session, frame_id=frame_id, revision=self.live_view.get().revision,
+                      capture_ts=client_ts, meta={"width": width, "height": height}, tensors=[data])
+        self.inbox.put(msg.stamp("server.recv"))
 
     # -- live config -----------------------------------------------------------------
 
@@ -79,11 +83,11 @@ class FrontDoor:
             self._adopt(revision, settings)
         return self.config_current()
 
-    def _adopt(self, revision: int, settings) -> None:
+    def _adopt(self, revision: int, settings: RuntimeSettings) -> None:
         if not self.live_view.set(revision, settings):
             return  # nothing changed: no flush, no broadcast
-        flushed = self.inbox.flush()
-        self._broadcast(revision)
+        flushed = self.inbox.flush() if self.inbox is not None else 0
+        self._publish_config(revision, settings)
         log.info("live config revision %d (%d queued frames flushed)", revision, flushed)
 
     def config_current(self) -> dict[str, Any]:
@@ -92,6 +96,7 @@ class FrontDoor:
         return {
             "config": settings_to_dict(settings),
             "revision": revision,
+            "styles": list(STYLES),
             "presets": self.live_config.presets,
             "status": {"ranks": stats["ranks"], "fps": stats["fps"]},
         }
@@ -108,31 +113,24 @@ class FrontDoor:
         return self.aggregator.prometheus_text()
 
 
-class OutputSink(Channel):
-    """Downstream end of the last stage: delivers encoded frames to browser sessions.
+class OutputSink:
+    """The last stage's outlet: delivers encoded frames to browser sessions.
 
     Replicas can finish frames out of order; a frame older than one already shown to
     its session is dropped (counted as late): a mirror must never step backwards.
+    Delivery never waits, so the sink always has a credit.
     """
 
-    def __init__(self, sink: SessionSink, aggregator: Aggregator, is_open: Callable[[str], bool],
-                 name: str = "sink") -> None:
-        self.name = name
-        self.capacity = 1 << 30
-        self.stats = LinkStats()
+    name = "front door"
+
+    def __init__(self, sink: SessionSink, aggregator: Aggregator, is_open: Callable[[str], bool]) -> None:
         self._sink = sink
         self._aggregator = aggregator
         self._is_open = is_open
         self._last_frame: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._closed = False
 
     def send(self, msg: Message, timeout: float | None = None) -> None:
-        if self._closed:
-            raise ChannelClosed(f"{self.name} is closed")
-        if msg.kind == Kind.EVENT:
-            self.deliver_event(msg)
-            return
         jpeg = msg.tensors[0].cpu().numpy().tobytes()
         vision = dict(msg.meta.get("vision", {"frame_id": msg.frame_id, "faces": []}))
         vision["revision"] = msg.revision  # which live config made this frame
@@ -146,12 +144,14 @@ class OutputSink(Channel):
                 return
             self._last_frame[msg.session] = msg.frame_id
             msg.stamp("server.send")
-            start = time.perf_counter()
-            self._sink.deliver_output(msg.session, msg.frame_id, msg.client_ts, jpeg, vision)
-            self.stats.record_send(len(jpeg), time.perf_counter() - start)
+            self._sink.deliver_output(msg.session, msg.frame_id, msg.capture_ts, jpeg, vision)
             self._aggregator.on_delivered(msg)
 
+    def credits(self) -> int:
+        return 1
+
     def deliver_event(self, msg: Message) -> None:
+        """A stage's notice for a session (an ``error`` on its page)."""
         code = str(msg.meta.get("code", "pipeline_error"))
         message = str(msg.meta.get("message", "the pipeline could not process a frame"))
         if msg.session:
@@ -159,17 +159,8 @@ class OutputSink(Channel):
         else:
             log.warning("pipeline event without a session: %s: %s", code, message)
 
-    def recv(self, timeout: float | None = None) -> Message:
-        raise ChannelClosed(f"{self.name} only delivers to the server")
-
-    def credits(self) -> int:
-        return self.capacity
-
     def forget(self, session: str) -> None:
         """Release a departed session's state (after ``is_open`` turned false for it)."""
         with self._lock:
             self._last_frame.pop(session, None)
             self._aggregator.forget_session(session)
-
-    def close(self) -> None:
-        self._closed = True

@@ -1,8 +1,6 @@
-"""The runtime config that can change while the pipeline runs.
+"""Rank 0's authoritative copy of the live settings (``core.settings.RuntimeSettings``).
 
-``RuntimeSettings`` holds what a user may change live from the page (style, strength,
-target FPS, output size, ...). Rank 0 owns the authoritative copy in ``LiveConfig``:
-``update(partial)`` validates a partial dict, bumps the revision and returns the new
+``LiveConfig.update(partial)`` validates a partial dict, bumps the revision and returns the new
 state; the control plane carries ``(revision, settings)`` to every rank, and each
 output frame records the revision it was made with.
 """
@@ -11,40 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from dataclasses import dataclass
 from typing import Any
 
-from runtime.config_loader import ConfigError, build, check_choice, check_range, to_dict
-
-STYLES = ("auto", "neon", "ink", "pop", "noir", "aurora")
-"""``auto`` lets the detected emotion choose; the others pin one look."""
-
-
-@dataclass(kw_only=True, slots=True)
-class RuntimeSettings:
-    style: str = "auto"
-    """Portrait style; 'auto' follows the emotion of the main face."""
-    strength: float = 0.75
-    """How far the portrait departs from the photo, 0 (photo) to 1 (fully stylized)."""
-    target_fps: float = 20.0
-    """Frames per second the page captures and sends."""
-    output_size: int = 320
-    """Side of the square portrait in pixels."""
-    smoothing: float = 0.5
-    """Temporal smoothing of the portrait, 0 (none) to 0.95 (heavy trails)."""
-    capture_width: int = 640
-    """Width the page scales camera frames to before JPEG encoding."""
-    jpeg_quality: int = 80
-    """Quality of the JPEG frames the page sends and the server returns, 30..95."""
-
-    def __post_init__(self) -> None:
-        check_choice(self.style, "style", STYLES)
-        check_range(self.strength, "strength", 0.0, 1.0)
-        check_range(self.target_fps, "target_fps", 1.0, 60.0)
-        check_range(self.output_size, "output_size", 64, 1024)
-        check_range(self.smoothing, "smoothing", 0.0, 0.95)
-        check_range(self.capture_width, "capture_width", 160, 1920)
-        check_range(self.jpeg_quality, "jpeg_quality", 30, 95)
+from core.config import ConfigError, build, to_dict
+from core.settings import RuntimeSettings
 
 
 class LiveConfig:

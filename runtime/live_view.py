@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from runtime.live_config import RuntimeSettings
-from stages.base import RuntimeView
+from core.settings import RuntimeSettings, RuntimeView
 
 
 class LiveView:

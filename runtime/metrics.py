@@ -81,7 +81,7 @@ class StageMetrics:
     """Frames dropped because the live config changed after they were captured."""
     errors: int = 0
     compute_ms: Window = field(default_factory=Window)
-    """Compute time per frame (batch time divided by batch size)."""
+    """Compute time per frame (batch time divided by batch size; for a source, by what it made)."""
     batch_sizes: Window = field(default_factory=Window)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -90,8 +90,9 @@ class StageMetrics:
             self.frames_in += n_in
             self.frames_out += n_out
             self.batches += 1
+        if n_in or n_out:
+            self.compute_ms.add(1000.0 * seconds / (n_in or n_out))
         if n_in:
-            self.compute_ms.add(1000.0 * seconds / n_in)
             self.batch_sizes.add(n_in)
 
     def count(self, what: str, n: int = 1) -> None:
@@ -112,10 +113,16 @@ class StageMetrics:
             }
 
 
-def link_snapshot(stats_dict: dict) -> dict:
-    """A channel's LinkStats snapshot with its latency samples reduced to percentiles."""
-    out = {k: v for k, v in stats_dict.items() if k != "hop_latencies_ms"}
-    out["hop_ms"] = percentiles(stats_dict.get("hop_latencies_ms", []))
+def link_snapshot(ends: list[dict]) -> dict:
+    """One link's figures from the LinkStats snapshots of the ends this rank holds (the
+    writer counts what it sent, the reader what it received and each hop's latency),
+    with the latency samples reduced to percentiles."""
+    out: dict = {}
+    samples: list[float] = []
+    for stats in ends:
+        out.update({k: v for k, v in stats.items() if k != "hop_latencies_ms" and v})
+        samples += stats.get("hop_latencies_ms", [])
+    out["hop_ms"] = percentiles(samples)
     return out
 
 

@@ -1,8 +1,18 @@
 """The ``pipeline`` config section: which stages run, in which order, how many of each.
 
 A pipeline is a chain: messages flow ``stages[0] -> stages[1] -> ... -> stages[-1]``.
-Each ``StageSpec`` says what a stage is (``kind``, the key of its stage class), how many
-replicas it runs and where they may go; ``runtime.planner.plan`` turns that into ranks.
+Each ``StageSpec`` says what a stage is (``kind``, the name its stage class registered
+under, see ``stages.registry``), how many replicas it runs and where they may go;
+``runtime.planner.plan`` turns that into ranks. Stage classes outside ``stages/`` are
+found through ``plugins``:
+
+    pipeline:
+      name: tone
+      plugins: [tone_stages.py]     # a file next to this YAML, or a module name
+      stages:
+        - {name: tone}
+        - {name: gain}
+        - {name: sink, kind: tone_sink, placement: server}
 
     pipeline:
       name: mirror
@@ -13,7 +23,7 @@ replicas it runs and where they may go; ``runtime.planner.plan`` turns that into
         - {name: display, placement: server}
 
 A stage may also override fields of its kind's config section for itself alone with
-``options`` (``runtime.config.MirrorConfig`` checks them against that section), e.g. two
+``options`` (``runtime.config`` checks them against that section), e.g. two
 stages of one kind with different costs:
 
         - {name: slow, kind: synthetic, options: {cost_ms: 40}}
@@ -28,7 +38,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.config_loader import ConfigError, check, check_choice, check_range
+from core.config import check, check_choice, check_range
 
 NAME_PATTERN = re.compile(r"[a-z0-9_-]+")
 """Stage and pipeline names; excludes '#' and '>' so link names like 'vision#0->generator#1' parse."""
@@ -36,6 +46,7 @@ NAME_PATTERN = re.compile(r"[a-z0-9_-]+")
 PLACEMENTS = ("server", "worker")
 DEVICES = ("auto", "cpu", "cuda")
 ROUTINGS = ("round_robin", "least_loaded", "session")
+"""How a stage spreads its outputs over the next stage's replicas (``runtime.stage_loop.Router``)."""
 AUTO = "auto"
 MAX_BATCH_LIMIT = 64
 MAX_BATCH_WAIT_MS = 1000.0
@@ -53,13 +64,15 @@ class StageSpec:
     name: str = ""
     """Unique identifier within the pipeline (a-z, 0-9, '_', '-'); used in roles and link names."""
     kind: str = ""
-    """Key of the stage class (e.g. 'ingest', 'vision', 'generator', 'display'); empty means
-    the same as ``name``. Only the format is checked here: the stage registry checks the key."""
+    """The stage class's registered kind (e.g. 'ingest', 'vision', 'generator', 'display');
+    empty means the same as ``name``. Only the format is checked here; the config loader
+    looks the kind up (``stages.registry``)."""
     replicas: int | str = 1
     """How many copies run, each on its own rank: an integer >= 1, or 'auto' to share the
     ranks left over once every fixed-count stage has its ranks."""
     placement: str = "worker"
-    """'server': runs on rank 0 next to the web server (replicas must be 1);
+    """'server': runs on the server rank (rank 0) next to the web server (replicas must be
+    1); a stage that takes frames from the page or gives them to it must be there.
     'worker': runs on its own rank(s)."""
     nodes: list[int] | None = None
     """Node indices the replicas may go to; null means any node."""
@@ -85,13 +98,14 @@ class StageSpec:
     def __post_init__(self) -> None:
         _check_name(self.name, "name")
         if self.kind == "":
-            self.kind = self.name
-        _check_name(self.kind, "kind")
+            self.kind = self.name  # checked as the name already
+        else:
+            _check_name(self.kind, "kind")
         # The loader lets any string through for ``replicas`` so this message can say
         # both forms that are allowed, instead of a generic union mismatch.
-        check(self.replicas == AUTO or (isinstance(self.replicas, int) and not isinstance(self.replicas, bool)
-                                        and self.replicas >= 1),
-              "replicas", f"expected an integer >= 1 or 'auto', got {self.replicas!r}")
+        replicas_ok = check(self.replicas == AUTO or (isinstance(self.replicas, int)
+                                                      and not isinstance(self.replicas, bool) and self.replicas >= 1),
+                            "replicas", f"expected an integer >= 1 or 'auto', got {self.replicas!r}")
         check_choice(self.placement, "placement", PLACEMENTS)
         check_choice(self.device, "device", DEVICES)
         check_choice(self.routing, "routing", ROUTINGS)
@@ -107,13 +121,15 @@ class StageSpec:
                 check(rank >= 0, f"ranks[{i}]", f"must be a rank >= 0, got {rank}")
             check(len(set(self.ranks)) == len(self.ranks), "ranks",
                   f"lists a rank twice: {self.ranks}; replicas of one stage need distinct ranks")
-            check(self.replicas != AUTO, "replicas",
-                  f"must be {len(self.ranks)} (the length of ranks), not 'auto': explicit ranks fix the count")
-            check(len(self.ranks) == self.replicas, "ranks",
-                  f"has {len(self.ranks)} entries but replicas is {self.replicas}; give one rank per replica")
+            fixed = replicas_ok and check(self.replicas != AUTO, "replicas", f"must be {len(self.ranks)} (the "
+                                          "length of ranks), not 'auto': explicit ranks fix the count")
+            if fixed:
+                check(len(self.ranks) == self.replicas, "ranks",
+                      f"has {len(self.ranks)} entries but replicas is {self.replicas}; give one rank per replica")
         if self.placement == "server":
-            check(self.replicas == 1, "replicas",
-                  f"must be 1 for placement 'server' (it runs on rank 0 only), got {self.replicas!r}")
+            if replicas_ok:
+                check(self.replicas == 1, "replicas",
+                      f"must be 1 for placement 'server' (it runs on the server rank only), got {self.replicas!r}")
             check(self.nodes is None or 0 in self.nodes, "nodes",
                   f"placement 'server' runs on rank 0, which is on node 0; got nodes {self.nodes}")
             check(self.ranks is None or self.ranks == [0], "ranks",
@@ -146,6 +162,9 @@ class PipelineConfig:
 
     name: str = "mirror"
     """Pipeline name (a-z, 0-9, '_', '-'), shown in logs, the dry-run plan and metrics."""
+    plugins: list[str] = field(default_factory=list)
+    """Where stage kinds not built in come from, imported before the stages are looked up:
+    module names on the Python path, or ``.py`` files (relative to the config file's folder)."""
     stages: list[StageSpec] = field(default_factory=mirror_stages)
     """Stages in chain order: data flows stages[0] -> stages[1] -> ... -> stages[-1]."""
     share_server_rank: bool = False
@@ -158,10 +177,11 @@ class PipelineConfig:
         check(len(self.stages) >= 1, "stages", "must list at least one stage")
         seen: dict[str, int] = {}
         for i, spec in enumerate(self.stages):
-            if spec.name in seen:
-                raise ConfigError(f"duplicate stage name {spec.name!r} (also stages[{seen[spec.name]}]); "
-                                  "stage names must be unique", f"stages[{i}].name")
-            seen[spec.name] = i
+            check(spec.name not in seen, f"stages[{i}].name", f"duplicate stage name {spec.name!r} (also "
+                                                              f"stages[{seen.get(spec.name)}]); stage names must be unique")
+            seen.setdefault(spec.name, i)
+        for i, entry in enumerate(self.plugins):
+            check(bool(entry.strip()), f"plugins[{i}]", "must be a module name or a .py file, got an empty string")
 
     def stage(self, name: str) -> StageSpec:
         for spec in self.stages:

@@ -1,10 +1,11 @@
-"""The ingest inbox: per-session bounded queues that drop the oldest frame when behind.
+"""The pipeline's inbox on the server rank: per-session bounded queues that drop the
+oldest frame when behind.
 
-Browser sessions push camera frames here (``send`` never blocks); the ingest stage
-takes them (``recv``) round-robin across sessions, so one fast client cannot starve a
-slow one. When the pipeline falls behind, each session keeps only its newest
-``depth`` frames: showing a live mirror late is worse than skipping frames. A live
-config change ``flush``es every queued frame so no stale work enters the pipeline.
+Browser sessions ``put`` camera frames here (never blocking); the first stage takes
+them (``recv``, the runner's ``Inlet``) round-robin across sessions, so one fast client
+cannot starve a slow one. When the pipeline falls behind, each session keeps only its
+newest ``depth`` frames: showing a live mirror late is worse than skipping frames. A
+live config change ``flush``es every queued frame so no stale work enters the pipeline.
 """
 
 from __future__ import annotations
@@ -13,18 +14,16 @@ import threading
 import time
 from collections import OrderedDict, deque
 
-from comms.channel import Channel, LinkStats
 from comms.errors import ChannelClosed, ChannelTimeout
 from comms.message import Message
 
 
-class SessionQueue(Channel):
+class SessionQueue:
     def __init__(self, name: str = "sessions", depth: int = 2) -> None:
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.name = name
-        self.capacity = depth
-        self.stats = LinkStats()
+        self.depth = depth
         self._queues: OrderedDict[str, deque[Message]] = OrderedDict()
         self._cond = threading.Condition()
         self._closed = False
@@ -33,7 +32,7 @@ class SessionQueue(Channel):
         self.dropped_total = 0
         self.flushed = 0
 
-    def send(self, msg: Message, timeout: float | None = None) -> None:
+    def put(self, msg: Message) -> None:
         """Queue a frame for its session; drops that session's oldest when full."""
         with self._cond:
             if self._closed:
@@ -41,13 +40,12 @@ class SessionQueue(Channel):
             queue = self._queues.get(msg.session)
             if queue is None:
                 queue = self._queues[msg.session] = deque()
-            if len(queue) >= self.capacity:
+            if len(queue) >= self.depth:
                 queue.popleft()
                 self.dropped[msg.session] = self.dropped.get(msg.session, 0) + 1
                 self.dropped_total += 1
             queue.append(msg)
             self._cond.notify()
-        self.stats.record_send(msg.payload_bytes, 0.0)
 
     def recv(self, timeout: float | None = None) -> Message:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -62,7 +60,6 @@ class SessionQueue(Channel):
                 if remaining is not None and remaining <= 0:
                     raise ChannelTimeout(f"no frame on {self.name} within {timeout}s")
                 self._cond.wait(remaining)
-        self.stats.record_recv(msg.payload_bytes, 0.0)
         return msg
 
     def _pop_round_robin(self) -> Message | None:
@@ -73,9 +70,6 @@ class SessionQueue(Channel):
                 self._queues.move_to_end(session)
                 return queue.popleft()
         return None
-
-    def credits(self) -> int:
-        return self.capacity
 
     def drop_session(self, session: str) -> None:
         with self._cond:
@@ -96,6 +90,7 @@ class SessionQueue(Channel):
             return sum(len(q) for q in self._queues.values())
 
     def close(self) -> None:
+        """No more frames: the reader drains what is queued, then gets ChannelClosed."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()

@@ -1,10 +1,13 @@
 """The loop that runs one stage replica: receive, micro-batch, process, route.
 
-    inputs (channels from upstream replicas, or the session queue)
+    inputs (``Inlet``s: links from upstream replicas, or the front door's session queue)
         -> gather up to ``max_batch`` messages (waiting ``batch_wait_ms`` at most)
         -> drop stale frames (captured before the latest live-config change)
         -> ``stage.process(batch)``
-        -> ``Router`` picks a downstream replica per output (credits = backpressure)
+        -> ``Router`` picks a downstream replica per output (``Outlet``s; credits = backpressure)
+
+A source stage (it accepts nothing) has no inputs: ``process([])`` is called again and
+again and paces itself. A sink (it emits nothing) has no router.
 
 A failing batch is logged, counted and reported to its sessions; it does not stop the
 stage. A broken link (``PeerFailure``) does: the rank reports it and shuts down.
@@ -17,19 +20,44 @@ import logging
 import threading
 import time
 import zlib
-from typing import Callable
+from typing import Callable, Protocol
 
-from comms.channel import Channel
 from comms.errors import ChannelClosed, ChannelTimeout, PeerFailure
 from comms.message import Kind, Message
+from runtime.lifecycle import Lifecycle
 from runtime.live_view import LiveView
 from runtime.metrics import StageMetrics
+from runtime.pipeline_config import ROUTINGS
 from stages.base import Stage
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1
 """How often a blocked loop looks at the stop flag; bounds shutdown latency."""
+SOURCE_IDLE_S = 0.01
+"""A source that produced nothing is called again after this, not at once: a source that
+returns early must not spin a core."""
+
+
+class Inlet(Protocol):
+    """What a runner reads from: a link's receiving end, or the front door's session queue.
+    ``recv`` raises ``ChannelTimeout`` when nothing came in time and ``ChannelClosed``
+    once nothing more will come."""
+
+    name: str
+
+    def recv(self, timeout: float | None = None) -> Message: ...
+
+
+class Outlet(Protocol):
+    """What a runner writes to: a link's sending end, or the front door's output sink.
+    ``send`` waits up to ``timeout`` for a credit (``ChannelTimeout``)."""
+
+    name: str
+
+    def send(self, msg: Message, timeout: float | None = None) -> None: ...
+
+    def credits(self) -> int: ...
 
 
 class Router:
@@ -40,71 +68,73 @@ class Router:
     session on one replica (for stages with per-session temporal state).
     """
 
-    POLICIES = ("round_robin", "least_loaded", "session")
-
-    def __init__(self, channels: list[Channel], policy: str, stop: threading.Event) -> None:
-        if not channels:
-            raise ValueError("a router needs at least one downstream channel")
-        if policy not in self.POLICIES:
-            raise ValueError(f"routing policy {policy!r}; allowed: {', '.join(self.POLICIES)}")
-        self.channels = channels
+    def __init__(self, outlets: list[Outlet], policy: str, stop: threading.Event) -> None:
+        if not outlets:
+            raise ValueError("a router needs at least one downstream outlet")
+        if policy not in ROUTINGS:
+            raise ValueError(f"routing policy {policy!r}; allowed: {', '.join(ROUTINGS)}")
+        self.outlets = outlets
         self.policy = policy
         self._stop = stop
-        self._turn = itertools.cycle(range(len(channels)))
+        self._turn = itertools.cycle(range(len(outlets)))
 
     def send(self, msg: Message) -> bool:
         """Send to one replica, waiting for credit; False if stopping before it went."""
         while not self._stop.is_set():
-            channel = self._choose(msg)
+            outlet = self._choose(msg)
             try:
-                channel.send(msg, timeout=POLL_S)
+                outlet.send(msg, timeout=POLL_S)
                 return True
             except ChannelTimeout:
                 continue  # no credit yet: look at the stop flag, maybe pick another replica
         return False
 
-    def _choose(self, msg: Message) -> Channel:
-        if len(self.channels) == 1:
-            return self.channels[0]
+    def _choose(self, msg: Message) -> Outlet:
+        if len(self.outlets) == 1:
+            return self.outlets[0]
         if self.policy == "session":
-            return self.channels[zlib.crc32(msg.session.encode()) % len(self.channels)]
+            return self.outlets[zlib.crc32(msg.session.encode()) % len(self.outlets)]
         if self.policy == "least_loaded":
-            return max(self.channels, key=lambda c: c.credits())
-        for _ in range(len(self.channels)):
-            channel = self.channels[next(self._turn)]
-            if channel.credits() > 0:
-                return channel
-        return self.channels[next(self._turn)]
+            return max(self.outlets, key=lambda outlet: outlet.credits())
+        for _ in range(len(self.outlets)):
+            outlet = self.outlets[next(self._turn)]
+            if outlet.credits() > 0:
+                return outlet
+        return self.outlets[next(self._turn)]
 
 
 class StageRunner:
-    """Runs ``stage`` on its own thread until ``stop`` is set or its inputs end."""
+    """Runs ``stage`` on its own thread until the job stops or its inputs end."""
 
-    def __init__(self, *, name: str, stage: Stage, inputs: list[Channel], router: Router,
+    def __init__(self, *, name: str, stage: Stage, inputs: list[Inlet], router: Router | None,
                  max_batch: int, batch_wait_ms: float, live: LiveView, metrics: StageMetrics,
-                 stop: threading.Event, publish_event: Callable[[Message], None],
-                 on_failure: Callable[[str], None]) -> None:
+                 lifecycle: Lifecycle, publish_event: Callable[[Message], None]) -> None:
         self.name = name
         self.stage = stage
         self.inputs = list(inputs)
         self.router = router
+        """None for a sink."""
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_ms / 1000.0
         self.live = live
         self.metrics = metrics
-        self.stop = stop
+        self.lifecycle = lifecycle
+        self.stop = lifecycle.stopping
         self.publish_event = publish_event
-        self.on_failure = on_failure
         self.ready = threading.Event()
+        self._source = stage.accepts is None
         self._thread = threading.Thread(target=self._run, name=f"stage-{name}", daemon=True)
         self._next_input = 0
-        self._revision_seen = live.get().revision
         self._error_logs = 0
+        self._sink_warned = False
 
     def start(self) -> None:
         self._thread.start()
 
     def join(self, timeout: float) -> bool:
+        """True once the runner's thread has ended (or never started: the job stopped first)."""
+        if self._thread.ident is None:
+            return True
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
@@ -112,15 +142,19 @@ class StageRunner:
         try:
             self.stage.setup()
             self.ready.set()
+            if self._source:
+                while not self.stop.is_set():
+                    if not self._process([]):
+                        self.stop.wait(SOURCE_IDLE_S)
             while not self.stop.is_set() and self.inputs:
                 batch = self._gather()
                 if batch:
                     self._process(batch)
         except PeerFailure as e:
-            self.on_failure(f"stage {self.name}: {e}")
+            self.lifecycle.fail(f"stage {self.name}: {e}")
         except Exception as e:  # setup failure or a bug in the loop itself
             log.exception("stage %s failed", self.name)
-            self.on_failure(f"stage {self.name} failed: {e!r}")
+            self.lifecycle.fail(f"stage {self.name} failed: {e!r}")
         finally:
             self.ready.set()
             try:
@@ -152,13 +186,13 @@ class StageRunner:
             wait = min(wait * 2, 0.002)
         return None
 
-    def _try(self, channel: Channel, timeout: float) -> Message | None:
+    def _try(self, inlet: Inlet, timeout: float) -> Message | None:
         try:
-            msg = channel.recv(timeout=timeout)
+            msg = inlet.recv(timeout=timeout)
         except ChannelTimeout:
             return None
         except ChannelClosed:  # the sender closed (END): this input is done
-            self.inputs.remove(channel)
+            self.inputs.remove(inlet)
             self._next_input = 0
             return None
         return msg
@@ -178,29 +212,43 @@ class StageRunner:
 
     # -- processing ------------------------------------------------------------------
 
-    def _process(self, batch: list[Message]) -> None:
-        view = self.live.get()
-        if view.revision != self._revision_seen:
-            self._revision_seen = view.revision
-            self.stage.on_revision(view)
+    def _process(self, batch: list[Message]) -> int:
+        """Process one batch (empty for a source) and route its outputs; returns how many
+        messages it produced."""
         floor = self.live.flush_floor
         fresh = [m for m in batch if m.revision >= floor]
         if len(fresh) < len(batch):
             self.metrics.count("flushed", len(batch) - len(fresh))
-        if not fresh:
-            return
+        if not fresh and not self._source:
+            return 0
         start = time.perf_counter()
         try:
             outputs = self.stage.process(fresh)
         except Exception as e:
             self._report_batch_error(fresh, e)
-            return
-        self.metrics.record_batch(len(fresh), len(outputs), time.perf_counter() - start)
+            return 0
+        if fresh or outputs:
+            self.metrics.record_batch(len(fresh), len(outputs), time.perf_counter() - start)
+        if self._source:
+            # What a source makes is made under the live settings of now; downstream drops
+            # anything older than the newest revision it knows.
+            revision = self.live.get().revision
+            for out in outputs:
+                out.revision = revision
         for out in outputs:
             if out.kind == Kind.EVENT:
                 self.publish_event(out)
+            elif self.router is None:
+                self._warn_sink_output(out)
             elif not self.router.send(out):
-                return  # stopping
+                break  # stopping
+        return len(outputs)
+
+    def _warn_sink_output(self, msg: Message) -> None:
+        if not self._sink_warned:
+            self._sink_warned = True
+            log.warning("stage %s is a sink (emits nothing) but returned a message (session %s, frame %d); "
+                        "dropping such messages", self.name, msg.session, msg.frame_id)
 
     def _report_batch_error(self, batch: list[Message], error: Exception) -> None:
         self.metrics.count("errors")

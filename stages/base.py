@@ -1,9 +1,17 @@
-"""What every pipeline stage is: one class with its config, setup, process and teardown.
+"""What every pipeline stage is: one class with its config, setup, process and teardown,
+declaring the payload it accepts and the payload it emits.
 
 The runtime builds a stage with its config section and a ``StageContext``, calls
 ``setup()`` once (load models, warm up), then ``process(batch)`` for each micro-batch of
 messages taken from upstream, and ``teardown()`` once at the end (idempotent). A stage
 never touches transport, routing or sockets: it turns messages into messages.
+
+``accepts`` and ``emits`` name what travels on the stage's input and output edges
+(``Payload``: a type name and, where useful, the dtypes of its tensors). The runtime
+checks at startup that every stage emits what the next one accepts, so a pipeline
+wired wrong fails with both stage names before any frame moves. ``accepts = None``
+makes a *source* (``process([])`` is called again and again; it paces itself and
+returns what it produced), ``emits = None`` a *sink* (its outputs go nowhere).
 
 ``process`` may return fewer messages than it got (a frame dropped) or none. Each output
 must keep the identity of the frame it came from (``Message.derive`` does that).
@@ -19,14 +27,35 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from comms.message import Kind, Message
+from core.settings import RuntimeView
 
 
-@dataclass(kw_only=True, slots=True)
-class RuntimeView:
-    """The live runtime settings as a stage sees them: values plus their revision."""
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """What travels on one edge of a pipeline: a name both ends agree on and, when it
+    helps to check, the dtypes of the message's tensors in order."""
 
-    revision: int
-    settings: Any  # runtime.live_config.RuntimeSettings
+    name: str
+    dtypes: tuple[torch.dtype, ...] | None = None
+
+    def describe(self) -> str:
+        if self.dtypes is None:
+            return self.name
+        return f"{self.name} [{', '.join(str(d).removeprefix('torch.') for d in self.dtypes)}]"
+
+    def fits(self, accepted: "Payload") -> bool:
+        """Whether a stage accepting ``accepted`` can take this payload."""
+        if accepted is ANY:
+            return True
+        if self.name != accepted.name:
+            return False
+        return self.dtypes is None or accepted.dtypes is None or self.dtypes == accepted.dtypes
+
+
+ANY = Payload("any")
+"""``accepts``: whatever the previous stage emits."""
+SAME = Payload("same as input")
+"""``emits``: exactly what came in (a pass-through stage)."""
 
 
 @dataclass(kw_only=True)
@@ -39,14 +68,19 @@ class StageContext:
     runtime: Callable[[], RuntimeView]
     """Current live settings; cheap to call once per batch."""
     publish_event: Callable[[Message], None] = field(default=lambda msg: None)
-    """Send a Kind.EVENT message towards the browser session named in ``msg.session``."""
+    """Send a Kind.EVENT message towards the session named in ``msg.session``."""
 
 
 class Stage(ABC):
-    """Base class of all stages. Subclasses set ``kind`` and ``Config``."""
+    """Base class of all stages. Subclasses set ``kind``, ``Config``, ``accepts`` and
+    ``emits``, and register themselves with ``stages.registry.register_stage``."""
 
     kind: ClassVar[str]
     Config: ClassVar[type]
+    accepts: ClassVar[Payload | None]
+    """The payload this stage takes; None for a source."""
+    emits: ClassVar[Payload | None]
+    """The payload this stage produces; None for a sink."""
 
     def __init__(self, config: Any, context: StageContext) -> None:
         self.config = config
@@ -61,15 +95,12 @@ class Stage(ABC):
         """Turn one micro-batch of inputs into outputs (same order, maybe fewer)."""
 
     def reject(self, msg: Message, code: str, message: str) -> None:
-        """Drop ``msg``: log it and tell its browser session why (an ``error`` on the page).
+        """Drop ``msg``: log it and tell its session why (an ``error`` on the page).
         Returns None so a helper can ``return self.reject(...)``."""
         self.log.warning("session %s frame %d dropped: %s", msg.session, msg.frame_id, message)
         self.context.publish_event(Message(kind=Kind.EVENT, session=msg.session, frame_id=msg.frame_id,
-                                           client_ts=msg.client_ts, meta={"code": code, "message": message}))
+                                           capture_ts=msg.capture_ts, meta={"code": code, "message": message}))
         return None
-
-    def on_revision(self, view: RuntimeView) -> None:
-        """Called when the live runtime settings changed (before the next batch)."""
 
     def teardown(self) -> None:
         """Release resources; safe to call more than once."""

@@ -14,9 +14,12 @@ import cv2
 import numpy as np
 import torch
 
-from comms.message import Kind, Message
-from runtime.config_loader import check_range
+from comms.message import Message
+from core.config import check_range
 from stages.base import Stage
+from stages.payloads import IMAGE_RGB
+from stages.registry import register_stage
+from stages.server.hooks import OUTPUT_JPEG
 
 
 @dataclass(kw_only=True, slots=True)
@@ -34,19 +37,17 @@ class DisplayConfig:
             check_range(self.quality_override, "quality_override", 30, 95)
 
 
+@register_stage
 class DisplayStage(Stage):
-    """Takes ``Kind.PORTRAIT`` (tensors[0] RGB uint8 HWC, on any device); emits
-    ``Kind.OUTPUT_JPEG`` (tensors[0] 1-D uint8 CPU tensor of JPEG bytes) with the input
-    meta plus ``meta["vision"] = {"frame_id", "faces"}`` for the page. A portrait that
-    cannot be encoded is dropped and reported to its session as an ``encode_failed`` event."""
+    """Takes portraits (``IMAGE_RGB``, on any device); emits them as JPEG for the page
+    (``OUTPUT_JPEG``, a CPU tensor) with the input meta plus ``meta["vision"] =
+    {"frame_id", "faces"}``. A portrait that cannot be encoded is dropped and reported to
+    its session as an ``encode_failed`` event."""
 
     kind = "display"
     Config = DisplayConfig
-
-    def setup(self) -> None:
-        # Ranks share two cores; OpenCV's own thread pool would fight the other ranks
-        # (and torch) for them, and one small portrait gains nothing from splitting.
-        cv2.setNumThreads(1)
+    accepts = IMAGE_RGB
+    emits = OUTPUT_JPEG
 
     def process(self, batch: list[Message]) -> list[Message]:
         if not batch:
@@ -66,7 +67,7 @@ class DisplayStage(Stage):
                 continue
             meta = dict(msg.meta)
             meta["vision"] = {"frame_id": msg.frame_id, "faces": faces_in_input_pixels(msg.meta)}
-            out = msg.derive(Kind.OUTPUT_JPEG, tensors=[torch.from_numpy(jpeg)], meta=meta)
+            out = msg.derive(tensors=[torch.from_numpy(jpeg)], meta=meta)
             outputs.append(out.stamp("display.start", started).stamp("display.end"))
         return outputs
 

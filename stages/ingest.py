@@ -16,10 +16,13 @@ import cv2
 import numpy as np
 import torch
 
-from comms.message import Kind, Message
-from runtime.config_loader import check, check_range
+from comms.message import Message
+from core.config import check, check_range
 from stages.base import Stage
 from stages.jpeg_header import jpeg_size
+from stages.payloads import IMAGE_RGB
+from stages.registry import register_stage
+from stages.server.hooks import CAMERA_JPEG
 
 # SOF markers that carry the frame size: baseline, extended, progressive, lossless and
 # their arithmetic-coded variants (0xC4 DHT, 0xC8 JPG and 0xCC DAC are not frames).
@@ -41,21 +44,18 @@ class IngestConfig:
         check(self.max_bytes >= 1024, "max_bytes", f"must be >= 1024, got {self.max_bytes}")
 
 
+@register_stage
 class IngestStage(Stage):
-    """Takes ``Kind.CAMERA_JPEG`` (tensors[0] 1-D uint8 JPEG bytes; meta may hold the
-    page's width/height); emits ``Kind.FRAME`` (tensors[0] RGB uint8 HWC CPU tensor,
-    at most ``max_width`` wide) with the input meta plus the decoded frame's
-    ``width``/``height`` (and ``scaled_from`` [w, h] when it was downscaled).
-    A payload that is not a decodable JPEG within the limits is dropped and reported to
-    its session as a ``bad_jpeg`` (or ``frame_too_large``) event."""
+    """Takes camera JPEGs (``CAMERA_JPEG``); emits the decoded frames (``IMAGE_RGB``, a CPU
+    tensor at most ``max_width`` wide) with the input meta plus their ``width``/``height``
+    (and ``scaled_from`` [w, h] when downscaled). A payload that is not a decodable JPEG
+    within the limits is dropped and reported to its session as a ``bad_jpeg`` (or
+    ``frame_too_large``) event."""
 
     kind = "ingest"
     Config = IngestConfig
-
-    def setup(self) -> None:
-        # Ranks share two cores; OpenCV's own thread pool would fight the other ranks
-        # (and torch) for them, and one small frame gains nothing from splitting.
-        cv2.setNumThreads(1)
+    accepts = CAMERA_JPEG
+    emits = IMAGE_RGB
 
     def process(self, batch: list[Message]) -> list[Message]:
         outputs = []
@@ -70,7 +70,7 @@ class IngestStage(Stage):
             meta.update(width=width, height=height)
             if (width, height) != source_size:
                 meta["scaled_from"] = list(source_size)
-            out = msg.derive(Kind.FRAME, tensors=[torch.from_numpy(frame)], meta=meta)
+            out = msg.derive(tensors=[torch.from_numpy(frame)], meta=meta)
             outputs.append(out.stamp("ingest.start", started).stamp("ingest.end"))
         return outputs
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from runtime.live_config import STYLES
+from core.settings import STYLES
 
 EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 """The FER-2013 labels, in the order of the usual classifier outputs."""

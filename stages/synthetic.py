@@ -24,8 +24,9 @@ import time
 from dataclasses import dataclass
 
 from comms.message import Message
-from runtime.config_loader import check, check_choice, check_range
-from stages.base import Stage
+from core.config import check, check_choice, check_range
+from stages.base import ANY, SAME, Stage
+from stages.registry import register_stage
 
 MODES = ("sleep", "busy")
 MAX_COST_MS = 10_000.0
@@ -96,17 +97,20 @@ def _timed(iterations: int) -> float:
     return time.perf_counter() - start
 
 
+@register_stage
 class SyntheticStage(Stage):
-    """Takes any message; emits it unchanged (``Message.derive`` with the same kind,
-    tensors and meta) after spending ``cost_ms`` per message of the batch, by sleeping
-    or by a fixed amount of busy-loop work (see the module docstring)."""
+    """Takes any payload; emits it unchanged (``Message.derive`` with the same tensors and
+    meta) after spending ``cost_ms`` per message of the batch, by sleeping or by a fixed
+    amount of busy-loop work (see the module docstring)."""
 
     kind = "synthetic"
     Config = SyntheticConfig
+    accepts = ANY
+    emits = SAME
 
     def process(self, batch: list[Message]) -> list[Message]:
         if self.config.mode == "sleep":
             time.sleep(self.config.cost_ms * len(batch) / 1000.0)
         else:
             spin(self.config.iterations * len(batch))
-        return [msg.derive(msg.kind, tensors=list(msg.tensors)) for msg in batch]
+        return [msg.derive(tensors=list(msg.tensors)) for msg in batch]

@@ -12,8 +12,8 @@ while one stage's cases run (only that stage is built at the time).
 
 NCCL (2 devices or more). Two spawned ranks stream ``messages`` payloads of the issue's
 large sizes (1.2 MB: a 3x320x320 float32 frame; 2.76 MB: a 1280x720 RGB uint8 frame, as
-in section 'transport') from cuda:0 to cuda:1, through a ``TorchChannel`` made by
-``comms.links.create_links`` with ``TransportConfig(backend="nccl")`` and through raw
+in section 'transport') from cuda:0 to cuda:1, through a torch link on NCCL made by
+``comms.links.create_links`` (as the planner declares it between two GPUs) and through raw
 ``dist.send``/``dist.recv`` on an NCCL group, in alternating rounds. The receiver times
 each round from a shared barrier until the last payload is on its GPU; the median of the
 rounds is reported, and the channel/raw ratio is checked against ``RATIO_GOAL``.
@@ -38,17 +38,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from comms.config import TransportConfig
-from comms.links import LinkSpec, create_links
+from comms.link_spec import LinkSpec, Transport
+from comms.links import create_links
 from comms.message import Kind, Message
+from core.settings import RuntimeSettings, RuntimeView
 from runtime.bench.options import BenchOptions
 from runtime.bench.ports import free_port
 from runtime.bench.progress import Progress
 from runtime.bench.results import Column, PlotSpec, SectionResult, Target
 from runtime.bench.stats import median, ratio, summarize
 from runtime.dist import destroy_distributed
-from runtime.live_config import RuntimeSettings
-from stages.base import RuntimeView, StageContext
+from stages.base import StageContext
 from stages.generator.stage import GeneratorConfig, GeneratorStage
 from stages.vision.config import VisionConfig
 from stages.vision.face_crops import border_value, crop_face
@@ -183,8 +183,8 @@ def frame_batch(frame: torch.Tensor, batch: int, index: int,
                 faces: list[dict[str, Any]] | None = None) -> list[Message]:
     """Frame ``index`` of sessions s0..s{batch-1}: FRAME messages, or ANALYZED ones
     carrying ``faces`` (what vision hands the generator)."""
-    kind, meta = (Kind.FRAME, {}) if faces is None else (Kind.ANALYZED, {"faces": faces})
-    return [Message(kind=kind, session=f"s{s}", frame_id=index, client_ts=index * FRAME_MS,
+    kind, meta = (Kind.DATA, {}) if faces is None else (Kind.DATA, {"faces": faces})
+    return [Message(kind=kind, session=f"s{s}", frame_id=index, capture_ts=index * FRAME_MS,
                     meta=dict(meta), tensors=[frame]) for s in range(batch)]
 
 
@@ -316,8 +316,10 @@ def _measure_links(rank: int, port: int, backend: str, devices: tuple[str, str],
                             init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=60))
     try:
-        spec = LinkSpec(name="bench", src_rank=0, dst_rank=1, src_device=devices[0], dst_device=devices[1])
-        link = create_links([spec], TransportConfig(backend=backend))["bench"]
+        spec = LinkSpec(name="bench", src_rank=0, dst_rank=1, transport=Transport.TORCH, backend=backend,
+                        src_device=devices[0], dst_device=devices[1])
+        ends = create_links([spec])
+        link = ends.writers["bench"] if rank == 0 else ends.readers["bench"]
         raw = dist.new_group([0, 1], backend=backend)
         sync = dist.new_group([0, 1], backend="gloo")
         figures = {}
@@ -354,7 +356,7 @@ def _channel_round(rank: int, link, payload: torch.Tensor, messages: int, sync) 
     started = time.perf_counter()
     for i in range(messages):
         if rank == 0:
-            link.send(Message(kind=Kind.FRAME, frame_id=i, tensors=[payload]), timeout=30.0)
+            link.send(Message(kind=Kind.DATA, frame_id=i, tensors=[payload]), timeout=30.0)
         else:
             link.recv(timeout=30.0)
     _sync(payload.device)

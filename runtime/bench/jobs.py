@@ -4,7 +4,7 @@
         job.port    # the web server's port, read from rank 0's "open http://HOST:PORT/" line
         job.pids()  # the launcher and every process under it, for CPU sampling
 
-``world_size`` 1 runs ``python launch/mirror.py`` (one process, in-process channels);
+``world_size`` 1 runs ``python launch/mirror.py`` (one process, in-process links);
 more runs ``python -m torch.distributed.run --standalone --nproc-per-node N launch/mirror.py``,
 exactly as the README starts it. The config is written as ``NAME.yaml`` and everything
 the job prints goes to ``NAME.log``, both in ``out_dir``, so a bad figure can be traced

@@ -3,7 +3,7 @@
 Two layouts of the default mirror pipeline (ingest -> vision -> generator -> display):
 
 - single: ``python launch/mirror.py --config configs/local.yaml`` (every stage a thread
-  of one process, in-process channels);
+  of one process, in-process links);
 - distributed: ``torchrun --standalone --nproc-per-node N launch/mirror.py`` with the
   embedded default config (rank 0 server+ingest+display, rank 1 vision, the rest generator).
 

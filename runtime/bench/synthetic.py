@@ -4,7 +4,7 @@ Each chain is ingest -> synthetic stages -> display (``stages/synthetic.py``: ev
 passes through each stage after a fixed cost), fed a 64x64 JPEG so that ingest and display
 cost next to nothing. It runs twice, driven as fast as possible by the benchmark client:
 
-- single: one process, every stage a thread, in-process channels (replicas forced to 1);
+- single: one process, every stage a thread, in-process links (replicas forced to 1);
 - distributed: torchrun with rank 0 (server, ingest, display) plus one rank per replica.
 
 Ideal throughput, distributed: every replica works all the time, so the chain runs at

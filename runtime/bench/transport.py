@@ -8,8 +8,10 @@ rank 1 (and back, for latency); ``runtime.bench.transport_ranks`` holds the rank
 each method's code, this module plans the rounds and turns timings into the section:
 
     channel   our channel (comms.links.create_links, one link per direction, defaults)
-              as between two ranks of one node: Unix socket + shared memory
-    channel_gloo  our channel as between two nodes: everything over gloo
+              as the runtime builds it between two ranks of one node: Unix socket +
+              shared memory
+    channel_gloo  our channel as the runtime builds it between two nodes: a torch link,
+              everything over gloo
     raw       torch.distributed send/recv on the same backend (gloo): its ceiling
     grpc      grpcio on bytes (runtime.bench.grpc_tensor): the seeds' approach
     mp_queue  multiprocessing.Queue carrying the numpy array, as one does with frames
@@ -38,7 +40,6 @@ import grpc
 import torch
 
 from comms.config import TransportConfig
-from comms.local_link import INLINE_MAX
 from runtime.bench import report, stats
 from runtime.bench.options import BenchOptions
 from runtime.bench.progress import Progress
@@ -71,8 +72,9 @@ def payloads_of(sizes: str | int | list | tuple) -> tuple[Payload, ...]:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """What the section runs. ``options.extra`` may set sizes, messages or pings, by that
-    name (shared with any other section that reads it) or as 'transport.<name>'."""
+    """What the section runs. ``options.extra`` may set sizes, messages, pings or
+    inline_max_bytes (the channel's setting, for experiments), by that name (shared with
+    any other section that reads it) or as 'transport.<name>'."""
 
     sizes: tuple[Payload, ...]
     rounds: int
@@ -82,13 +84,23 @@ class Plan:
     """Round trips per latency run."""
     warmup: int = 3
     """Messages and round trips per path and size before anything is measured."""
+    inline_max_bytes: int = TransportConfig().inline_max_bytes
+    """Payloads up to this size travel with their header on both channel paths."""
+
+    def __post_init__(self) -> None:
+        TransportConfig(inline_max_bytes=self.inline_max_bytes)  # refuses what the channel does not take
 
     @property
     def jobs_per_round(self) -> int:
         return len(self.sizes) * len(METHODS)
 
+    @property
+    def transport(self) -> TransportConfig:
+        """The channel's settings: the defaults, but for ``inline_max_bytes``."""
+        return TransportConfig(inline_max_bytes=self.inline_max_bytes)
 
-_KNOBS = {"sizes": payloads_of, "messages": int, "pings": int}
+
+_KNOBS = {"sizes": payloads_of, "messages": int, "pings": int, "inline_max_bytes": int}
 
 
 def plan_of(options: BenchOptions) -> Plan:
@@ -203,19 +215,19 @@ PLOTS = [
 
 
 def notes_of(plan: Plan) -> list[str]:
-    config = TransportConfig()
+    config = plan.transport
     return [
         f"2 processes (torch.multiprocessing spawn) on 127.0.0.1, gloo, one torch thread each, alive for the "
         f"whole section; torch {torch.__version__}, grpcio {grpc.__version__}, Python {sys.version.split()[0]}, "
         f"{os.cpu_count()} CPU cores.",
-        f"channel: our channel with TransportConfig defaults (capacity {config.link_capacity}), one link per "
-        "direction, a Message with one tensor, built as the runtime builds a link between two ranks of one node: "
-        f"comms.local_link.SocketChannel (header and credits over a Unix socket on the caller's thread, payloads "
-        f"above {INLINE_MAX} B through shared memory). channel_gloo: the link the runtime builds between two "
-        f"nodes, run here on one host: comms.torch_p2p.TorchChannel (gloo; {config.slot_bytes}-byte header slot, "
-        f"payloads up to {config.inline_max_bytes} B inline, larger ones on a data group). Targets are judged "
-        "on channel. raw: blocking dist.send/recv of the bare tensor into a buffer allocated beforehand, no "
-        "header, no flow control.",
+        f"channel: our channel with TransportConfig defaults (capacity {config.link_capacity}, payloads up to "
+        f"{config.inline_max_bytes} B with their header), one link per direction, a Message with one tensor, "
+        "built as the runtime builds a link between two ranks of one node: a same-host link, "
+        "comms.local_link (header and credits over a Unix socket on the caller's thread, larger payloads through "
+        "shared memory). channel_gloo: the link the runtime builds between two nodes, run here on one host: a "
+        f"torch link, comms.torch_p2p (gloo; {config.slot_bytes}-byte header slot, larger payloads on a data "
+        "group). Targets are judged on channel. raw: blocking dist.send/recv of the bare tensor into a buffer "
+        "allocated beforehand, no header, no flow control.",
         "grpc: generic handlers on bytes, tensor.numpy().tobytes() and torch.frombuffer on both ends in the timed "
         "path; float payloads travel as float32 bytes, the 720p frame as its uint8 bytes (not widened).",
         f"mp_queue: multiprocessing.Queue(maxsize={config.link_capacity}) carrying the tensor's numpy array "
@@ -248,7 +260,7 @@ def run(options: BenchOptions, progress: Progress) -> SectionResult:
     plan = plan_of(options)
     options.out_dir.mkdir(parents=True, exist_ok=True)
     progress.start("transport: starting 2 ranks")
-    with Ranks(options.out_dir / "transport-ranks.log") as ranks:
+    with Ranks(options.out_dir / "transport-ranks.log", plan.transport) as ranks:
         progress.step()
         rounds = _measure(plan, ranks, progress)
     rows = rows_of(plan.sizes, rounds)

@@ -6,8 +6,8 @@ the gRPC server (rank 1) and client (rank 0), the queue ends — and then runs `
 sent to both at once: rank 0 leads and times, rank 1 mirrors.
 
     channel   comms.links.create_links, one link per direction, as the runtime builds it
-              between two ranks of one node (SocketChannel: Unix socket + shared memory)
-    channel_gloo  as the runtime builds it between two nodes (TorchChannel: all on gloo)
+              between two ranks of one node (same-host: Unix socket + shared memory)
+    channel_gloo  as the runtime builds it between two nodes (torch link, all on gloo)
     raw       dist.send/recv of the bare tensor on the default gloo group
     grpc      runtime.bench.grpc_tensor: bytes over gRPC, server in rank 1
     mp_queue  multiprocessing.Queue pair carrying the tensor's numpy array
@@ -37,7 +37,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from comms.config import TransportConfig
-from comms.links import LinkSpec, create_links
+from comms.link_spec import LinkSpec, Transport
+from comms.links import create_links
 from comms.message import Kind, Message
 from runtime.bench import grpc_tensor
 from runtime.bench.ports import free_port
@@ -125,26 +126,26 @@ class _Path(ABC):
 
 
 class _ChannelPath(_Path):
-    """Messages with one tensor on two links (TransportConfig defaults); the
-    acknowledgement is an empty CONTROL message on the backward link. ``same_host``:
-    what the runtime sets for two ranks of one node (a SocketChannel, not gloo)."""
+    """Messages with one tensor on two links; the acknowledgement is an empty CONTROL
+    message on the backward link. ``transport``: what the planner decides for two ranks
+    of one node (SAME_HOST) or of two nodes (TORCH, on gloo)."""
 
-    def __init__(self, rank: int, same_host: bool) -> None:
-        tag = "shm" if same_host else "gloo"
-        links = create_links([LinkSpec(name=f"forward-{tag}", src_rank=0, dst_rank=1, same_host=same_host),
-                              LinkSpec(name=f"backward-{tag}", src_rank=1, dst_rank=0, same_host=same_host)],
-                             TransportConfig())
-        links = {name.rsplit("-", 1)[0]: channel for name, channel in links.items()}
-        self.out, self.into = ((links["forward"], links["backward"]) if rank == 0
-                               else (links["backward"], links["forward"]))
+    def __init__(self, rank: int, transport: Transport, config: TransportConfig) -> None:
+        backend = "gloo" if transport == Transport.TORCH else None
+        forward, backward = f"forward-{transport}", f"backward-{transport}"
+        links = create_links([LinkSpec(name=forward, src_rank=0, dst_rank=1, transport=transport, backend=backend),
+                              LinkSpec(name=backward, src_rank=1, dst_rank=0, transport=transport, backend=backend)],
+                             config)
+        self.out, self.into = ((links.writers[forward], links.readers[backward]) if rank == 0
+                               else (links.writers[backward], links.readers[forward]))
 
     def stream(self, tensor, count):
         for i in range(count):
-            self.out.send(Message(kind=Kind.FRAME, frame_id=i, tensors=[tensor]), timeout=WAIT_S)
+            self.out.send(Message(kind=Kind.DATA, frame_id=i, tensors=[tensor]), timeout=WAIT_S)
         self.into.recv(timeout=WAIT_S)
 
     def ping(self, tensor):
-        self.out.send(Message(kind=Kind.FRAME, tensors=[tensor]), timeout=WAIT_S)
+        self.out.send(Message(kind=Kind.DATA, tensors=[tensor]), timeout=WAIT_S)
         self.into.recv(timeout=WAIT_S)
 
     def take(self, count):
@@ -157,7 +158,9 @@ class _ChannelPath(_Path):
             self.out.send(self.into.recv(timeout=WAIT_S), timeout=WAIT_S)
 
     def close(self):
+        # Both ranks close both ends at this point: nothing is in flight any more.
         self.out.close()
+        self.into.close()
         self.out.join(WAIT_S / 3)
         self.into.join(WAIT_S / 3)
 
@@ -305,7 +308,7 @@ def _lead(path: _Path, tensor: torch.Tensor, job: Job) -> Sample:
     return Sample(stream_s, round_trips)
 
 
-def _worker(rank: int, port: int, inbox, outbox, queues, log_path: str) -> None:
+def _worker(rank: int, port: int, inbox, outbox, queues, config: TransportConfig, log_path: str) -> None:
     """One rank: build every path once, run jobs until told to stop, close everything."""
     logging.basicConfig(filename=log_path, level=logging.WARNING,
                         format=f"%(asctime)s rank {rank} %(name)s %(levelname)s: %(message)s")
@@ -314,7 +317,8 @@ def _worker(rank: int, port: int, inbox, outbox, queues, log_path: str) -> None:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                                 timeout=timedelta(seconds=JOB_TIMEOUT_S))
-        paths = {"channel": _ChannelPath(rank, same_host=True), "channel_gloo": _ChannelPath(rank, same_host=False),
+        paths = {"channel": _ChannelPath(rank, Transport.SAME_HOST, config),
+                 "channel_gloo": _ChannelPath(rank, Transport.TORCH, config),
                  "raw": _RawPath(rank), "grpc": _GrpcPath(rank),
                  "mp_queue": _QueuePath(*queues), "memcpy": _MemcpyPath()}
         outbox.put((rank, "ok", None))
@@ -339,17 +343,19 @@ def _next_job(inbox) -> Job | None:
 
 
 class Ranks:
-    """The two ranks, alive from start-up to the end of the ``with`` block; jobs go to both at once."""
+    """The two ranks, alive from start-up to the end of the ``with`` block; jobs go to both
+    at once. ``config``: the channel's settings (defaults unless an experiment sets some)."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, config: TransportConfig | None = None) -> None:
         ctx = mp.get_context("spawn")
-        capacity = TransportConfig().link_capacity
+        config = config or TransportConfig()
         self._outbox = ctx.Queue()
         self._inboxes = [ctx.Queue(), ctx.Queue()]
-        queues = (ctx.Queue(maxsize=capacity), ctx.Queue(maxsize=capacity))
+        queues = (ctx.Queue(maxsize=config.link_capacity), ctx.Queue(maxsize=config.link_capacity))
         port = free_port()
         self._procs = [ctx.Process(target=_worker, args=(rank, port, self._inboxes[rank], self._outbox, queues,
-                                                         str(log_path)), name=f"transport-rank-{rank}", daemon=True)
+                                                         config, str(log_path)),
+                                   name=f"transport-rank-{rank}", daemon=True)
                        for rank in range(2)]
         for proc in self._procs:
             proc.start()

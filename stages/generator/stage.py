@@ -17,12 +17,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from comms.message import Kind, Message
-from runtime.config_loader import check, check_range
-from stages.base import RuntimeView, Stage
+from comms.message import Message
+from core.config import check, check_range
+from core.settings import RuntimeView
+from stages.base import Stage
 from stages.generator import lowfi
+from stages.payloads import IMAGE_RGB
 from stages.prompt import StylePrompt, style_prompt
-
+from stages.registry import register_stage
 
 MAX_PHASE_STEP_S = 0.5
 """Longest time step the animation takes between two frames of a session (a paused or
@@ -50,8 +52,6 @@ class GeneratorConfig:
     """Sessions whose temporal state is kept; the least recently seen is dropped beyond."""
     session_idle_s: float = 30.0
     """A session unseen for this long loses its temporal state."""
-    cpu_threads: int = 1
-    """torch intra-op threads when the device is the CPU; 0 leaves the process setting."""
 
     def __post_init__(self) -> None:
         check_range(self.face_margin, "face_margin", 0.0, 3.0)
@@ -64,7 +64,6 @@ class GeneratorConfig:
         check(self.max_sessions_state >= 1, "max_sessions_state",
               f"must be >= 1, got {self.max_sessions_state}")
         check(self.session_idle_s > 0.0, "session_idle_s", f"must be > 0, got {self.session_idle_s}")
-        check(self.cpu_threads >= 0, "cpu_threads", f"must be >= 0, got {self.cpu_threads}")
 
 
 @dataclass(slots=True)
@@ -88,9 +87,10 @@ class _Item:
     phase: float
 
 
+@register_stage
 class GeneratorStage(Stage):
-    """Takes ``Kind.ANALYZED`` (tensors[0] RGB uint8 HWC frame, meta["faces"] largest
-    first, maybe empty); emits ``Kind.PORTRAIT`` (tensors[0] RGB uint8 HWC square
+    """Takes frames (``IMAGE_RGB``, with meta["faces"] largest first when vision found
+    any); emits portraits (``IMAGE_RGB``: tensors[0] an RGB uint8 HWC square
     portrait of the live ``output_size``, on the stage's device) with the input meta
     (faces kept) plus meta["style"] = {name, prompt, emotion, confidence, face_id,
     crop [x, y, w, h]} and ``revision`` = the live settings' revision it was made with.
@@ -98,11 +98,10 @@ class GeneratorStage(Stage):
 
     kind = "generator"
     Config = GeneratorConfig
+    accepts = IMAGE_RGB
+    emits = IMAGE_RGB
 
     def setup(self) -> None:
-        if self.context.device.type == "cpu" and self.config.cpu_threads > 0:
-            # Ranks share few cores; one thread per rank avoids oversubscription stalls.
-            torch.set_num_threads(self.config.cpu_threads)
         self._sessions: OrderedDict[str, _SessionState] = OrderedDict()
         self._luts: dict[str, torch.Tensor] = {}
         # Warm up: first calls build grids, kernels and palette tables.
@@ -181,7 +180,7 @@ class GeneratorStage(Stage):
         # timing and not queueing jitter; frames without one fall back to wall time. The
         # phase is integrated per session: the speed changes with every confidence
         # wobble, and speed × absolute time would then jump around instead of flowing.
-        t = msg.client_ts / 1000.0 if msg.client_ts > 0 else time.time()
+        t = msg.capture_ts / 1000.0 if msg.capture_ts > 0 else time.time()
         step = 0.0 if state.clock is None else min(max(t - state.clock, 0.0), MAX_PHASE_STEP_S)
         state.clock = t
         state.phase = lowfi.advance_phase(state.phase, step, self.config.animation_hz * prompt.speed)
@@ -265,7 +264,7 @@ class GeneratorStage(Stage):
             "face_id": it.face_id,
             "crop": [x0, y0, side, side],
         }
-        out = it.msg.derive(Kind.PORTRAIT, tensors=[portrait], meta=meta)
+        out = it.msg.derive(tensors=[portrait], meta=meta)
         out.revision = view.revision
         return out.stamp("generator.start", started).stamp("generator.end")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.config_loader import check, check_range
+from core.config import check, check_range
 
 MiB = 1 << 20
 

@@ -1,14 +1,30 @@
-"""The seam between the web server (rank 0) and the pipeline runtime.
+"""The seam between the web server (the server rank) and the pipeline runtime.
 
 The server knows sockets, HTTP and the wire protocol; the runtime knows stages and
 ranks. They meet here: the server calls ``PipelineHooks`` (thread-safe, non-blocking)
 and the runtime pushes results back through ``SessionSink`` (thread-safe: the runtime
 calls it from its stage threads, the server hands the data to its event loop).
+
+The two payloads at the browser's ends of a pipeline are declared here too: the first
+stage of a pipeline that takes camera frames accepts ``CAMERA_JPEG``, the last stage of
+one that shows frames on the page emits ``OUTPUT_JPEG``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol
+
+import torch
+
+from stages.base import Payload
+
+CAMERA_JPEG = Payload("camera.jpeg", (torch.uint8,))
+"""A camera frame from the page: tensors[0] the JPEG bytes (1-D uint8, CPU); meta
+``width``/``height`` as the server's header probe read them; ``capture_ts`` the page's
+timestamp, ``frame_id`` its frame id."""
+OUTPUT_JPEG = Payload("output.jpeg", (torch.uint8,))
+"""A frame for the page: tensors[0] the JPEG bytes (1-D uint8, any device); meta
+``vision`` = ``{"frame_id", "faces"}`` for the page's overlay (optional)."""
 
 
 class PipelineHooks(Protocol):
@@ -29,7 +45,8 @@ class PipelineHooks(Protocol):
         """Apply a named preset; returns ``config_current()``. Raises ConfigError."""
 
     def config_current(self) -> dict[str, Any]:
-        """``{"config": {...}, "revision": n, "presets": [...], "status": {...}}``."""
+        """``{"config": {...}, "revision": n, "styles": [...], "presets": [...], "status": {...}}``;
+        ``styles`` lists every style the config accepts (the page builds its menu from it)."""
 
     def health(self) -> dict[str, Any]:
         """``{"ok": bool, "ranks": [{"rank", "role", "node", "device", "alive", "last_seen_s"}]}``."""

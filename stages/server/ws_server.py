@@ -27,8 +27,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
-from runtime.config_loader import ConfigError
-from runtime.live_config import STYLES
+from core.config import ConfigError
 from stages.server import protocol
 from stages.server.config import ServerConfig
 from stages.server.hooks import PipelineHooks
@@ -316,8 +315,7 @@ class WebServer:
 
     @staticmethod
     def _config_text(current: dict[str, Any]) -> str:
-        # The page builds its style menu from this, so it never lists a style the config refuses.
-        return protocol.encode_message(protocol.CONFIG_CURRENT, {"styles": list(STYLES), **current})
+        return protocol.encode_message(protocol.CONFIG_CURRENT, current)
 
 
 async def _refuse(connection: ServerConnection, code: ErrorCode, message: str, close_code: CloseCode,

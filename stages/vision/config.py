@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.config_loader import check, check_range
+from core.config import check, check_range
 from stages.vision.emotion_model import DEFAULT_WEIGHTS
 
 

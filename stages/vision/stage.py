@@ -15,12 +15,20 @@ import cv2
 import numpy as np
 import torch
 
-from comms.message import Kind, Message
+from comms.message import Message
 from stages.base import Stage, StageContext
+from stages.payloads import IMAGE_RGB
+from stages.registry import register_stage
 from stages.vision.config import VisionConfig
 from stages.vision.detector import HaarFaceDetector
 from stages.vision.emotion_model import EMOTION_LABELS, MiniXception, load_emotion_model
-from stages.vision.face_crops import Box, border_value, crop_face, face_quality, to_network_input
+from stages.vision.face_crops import (
+    Box,
+    border_value,
+    crop_face,
+    face_quality,
+    to_network_input,
+)
 from stages.vision.tracker import FaceTracker
 
 
@@ -37,21 +45,24 @@ MIN_VISIBLE = 0.5
 """A tracked face predicted to be mostly outside the frame is not reported until a
 detection finds it again (or the track expires)."""
 
+@register_stage
 class VisionStage(Stage):
     """Face detection, tracking and emotion recognition.
 
-    Takes ``Kind.FRAME`` messages whose ``tensors[0]`` is an RGB uint8 HWC frame (CPU or
-    GPU; H x W grayscale and 4-channel frames are accepted too).
-    Emits one ``Kind.ANALYZED`` message per usable frame, carrying the same frame tensor
-    and the input's meta plus ``meta["faces"]``: a list, largest face first, of
-    ``{"face_id", "bbox": [x, y, w, h] (input pixels), "emotion", "emotion_probs":
-    {label: p}, "quality": 0..1}``, and trace points ``vision.start`` / ``vision.end``.
-    Messages that are not frames, or whose tensor cannot be a frame, are dropped with a
-    warning and a ``Kind.EVENT`` (``meta["code"] = "vision_bad_frame"``) to the session.
+    Takes frames (``IMAGE_RGB``: tensors[0] RGB uint8 HWC on the CPU or a GPU; H x W
+    grayscale and 4-channel frames are accepted too). Emits one message per usable
+    frame (``IMAGE_RGB``), carrying the same frame tensor and the input's meta plus
+    ``meta["faces"]``: a list, largest face first, of ``{"face_id", "bbox": [x, y, w, h]
+    (input pixels), "emotion", "emotion_probs": {label: p}, "quality": 0..1}``, and trace
+    points ``vision.start`` / ``vision.end``. A message whose tensor cannot be a frame is
+    dropped with a warning and a ``Kind.EVENT`` (``meta["code"] = "vision_bad_frame"``)
+    to its session.
     """
 
     kind = "vision"
     Config = VisionConfig
+    accepts = IMAGE_RGB
+    emits = IMAGE_RGB
 
     def __init__(self, config: VisionConfig, context: StageContext) -> None:
         super().__init__(config, context)
@@ -63,10 +74,6 @@ class VisionStage(Stage):
             session_idle_s=config.session_idle_s, max_sessions=config.max_sessions)
 
     def setup(self) -> None:
-        # Ranks of one host share a few cores; OpenCV's own thread pool would fight the
-        # other ranks (and torch) for them, and the cascade on a 320-wide frame is too
-        # small to gain from splitting.
-        cv2.setNumThreads(1)
         cfg = self.config
         self.detector = HaarFaceDetector(detect_width=cfg.detect_width, scale_factor=cfg.scale_factor,
                                          min_neighbors=cfg.min_neighbors, min_face_px=cfg.min_face_px)
@@ -120,7 +127,7 @@ class VisionStage(Stage):
                     "emotion_probs": {label: round(float(v), 4) for label, v in zip(EMOTION_LABELS, p)},
                     "quality": round(face.quality, 3),
                 })
-            out = msg.derive(Kind.ANALYZED, tensors=[tensor], meta={**msg.meta, "faces": described})
+            out = msg.derive(tensors=[tensor], meta={**msg.meta, "faces": described})
             outputs.append(out.stamp("vision.end"))
         return outputs
 
@@ -139,8 +146,6 @@ class VisionStage(Stage):
 
     def _frame_of(self, msg: Message) -> tuple[torch.Tensor, np.ndarray] | None:
         """(original tensor, H x W x C uint8 array) or None after reporting why not."""
-        if msg.kind != Kind.FRAME:
-            return self.reject(msg, "vision_bad_frame", f"expected a FRAME message, got {msg.kind.name}")
         if not msg.tensors:
             return self.reject(msg, "vision_bad_frame", "frame message carries no tensor")
         tensor = msg.tensors[0]

@@ -16,16 +16,16 @@ ALL_DTYPES = list(DTYPE_CODES)
 
 
 def golden_message() -> Message:
-    return Message(kind=Kind.PORTRAIT, session="ab", frame_id=7, revision=3, client_ts=1.5,
+    return Message(kind=Kind.DATA, session="ab", frame_id=7, revision=3, capture_ts=1.5,
                    trace=[("g", 2.0)], meta={"k": [1]},
                    tensors=[torch.zeros(2, 3, dtype=torch.uint8), torch.zeros((), dtype=torch.float32)])
 
 
-# Field by field: prefix (magic, version 1, kind 4, reserved, frame 7, revision 3, ts 1.5,
+# Field by field: prefix (magic, version 2, kind 1, reserved, frame 7, revision 3, ts 1.5,
 # 2 tensors, 1 trace entry, session 2 B, meta 9 B, payload 68 B); uint8 [2, 3] of 6 B at 0;
 # float32 0-d of 4 B at 64; "ab"; trace "g" at 2.0; {"k":[1]}.
 GOLDEN = bytes.fromhex(
-    "4d4d4831" "01" "04" "0000" "0700000000000000" "03000000" "000000000000f83f"
+    "4d4d4831" "02" "01" "0000" "0700000000000000" "03000000" "000000000000f83f"
     "0200" "0100" "02000000" "09000000" "4400000000000000"
     "01" "02" "0200000000000000" "0300000000000000" "0600000000000000" "0000000000000000"
     "08" "00" "0400000000000000" "4000000000000000"
@@ -54,8 +54,8 @@ def test_golden_encoding_is_byte_exact():
 def test_golden_decodes_to_the_message_and_specs():
     msg, specs = decode_header(GOLDEN)
     expected = golden_message()
-    assert (msg.kind, msg.session, msg.frame_id, msg.revision, msg.client_ts, msg.trace, msg.meta) == (
-        expected.kind, expected.session, expected.frame_id, expected.revision, expected.client_ts,
+    assert (msg.kind, msg.session, msg.frame_id, msg.revision, msg.capture_ts, msg.trace, msg.meta) == (
+        expected.kind, expected.session, expected.frame_id, expected.revision, expected.capture_ts,
         expected.trace, expected.meta)
     assert msg.tensors == []
     assert specs == [TensorSpec(dtype=torch.uint8, shape=(2, 3), nbytes=6, offset=0),
@@ -66,8 +66,8 @@ def test_golden_decodes_to_the_message_and_specs():
 @pytest.mark.parametrize("shape", [(), (0,), (1,), (3, 0, 2), (7,), (3, 5, 7), (2, 1, 1, 1, 3)], ids=str)
 def test_every_dtype_and_shape_round_trips_exactly(dtype, shape):
     tensors = [random_tensor(dtype, shape, 1), random_tensor(torch.uint8, (5,), 2), random_tensor(dtype, shape, 3)]
-    msg = Message(kind=Kind.FRAME, session="séance ✓", frame_id=2**64 - 1, revision=2**32 - 1,
-                  client_ts=-0.0, trace=[("a", 1.25), ("ü", 1e9)], meta={"x": [1.5, None, "ö"]},
+    msg = Message(kind=Kind.DATA, session="séance ✓", frame_id=2**64 - 1, revision=2**32 - 1,
+                  capture_ts=-0.0, trace=[("a", 1.25), ("ü", 1e9)], meta={"x": [1.5, None, "ö"]},
                   tensors=tensors)
     header = encode_header(msg)
     decoded, specs = decode_header(header)
@@ -165,13 +165,13 @@ def test_every_truncation_is_rejected():
     (dict(revision=2**32), "revision"),
     (dict(session=b"raw"), "session"),
     (dict(trace=[("a",)]), "trace"),
-    (dict(client_ts="now"), "client_ts"),
+    (dict(capture_ts="now"), "capture_ts"),
     (dict(kind=99), "kind"),
     (dict(tensors=[torch.zeros(2, dtype=torch.complex64)]), "dtype"),
     (dict(tensors=[[1, 2]]), "tensors"),
 ])
 def test_unencodable_messages_raise_header_error(bad, match):
-    fields = dict(kind=Kind.FRAME) | bad
+    fields = dict(kind=Kind.DATA) | bad
     with pytest.raises(HeaderError, match=match):
         encode_header(Message(**fields))
 

@@ -1,9 +1,10 @@
-"""SocketChannel (same-host links: Unix socket + shared memory) across real processes.
+"""Same-host links (SocketWriter / SocketReader: Unix socket + shared memory) across real
+processes.
 
 What is particular to this link: payloads in shared memory (segments handed over as
 file descriptors, growing on demand), a fallback when shared memory cannot be had,
 a blocked ``recv`` woken by ``close``, bad frames. Credits, END / CLOSED and a killed
-peer are tested on both link kinds in test_torch_p2p.py.
+peer are tested on both link kinds in test_torch_p2p.py, closing and joining in test_close.py.
 """
 
 from __future__ import annotations
@@ -19,16 +20,19 @@ import torch.distributed as dist
 from comms import shm
 from comms.config import TransportConfig
 from comms.errors import ChannelClosed, ChannelTimeout, PeerFailure
-from comms.links import LinkSpec, create_links, is_local
 from comms.header import encode_header
-from comms.local_link import _ANNOUNCE, _FRAME, _SHM, _SHM_NEW, INLINE_MAX, SocketChannel
+from comms.link_spec import LinkSpec, Transport
+from comms.links import create_links
+from comms.local_link import _ANNOUNCE, _FRAME, _SHM, _SHM_NEW, SocketReader, SocketWriter
 from comms.message import Kind, Message
 from tests.comms.gloo_ranks import GlooWorld
-from tests.comms.test_torch_p2p import make_message, same_message
+from tests.comms.test_torch_p2p import link, make_message, my_end, same_message
+
+INLINE_MAX_BYTES = TransportConfig().inline_max_bytes
 
 
 def local(name: str, src: int = 0, dst: int = 1) -> LinkSpec:
-    return LinkSpec(name=name, src_rank=src, dst_rank=dst, same_host=True)
+    return link(name, src, dst, transport=Transport.SAME_HOST)
 
 
 def _no_memory(name, size):
@@ -48,10 +52,10 @@ def _r_order_and_paths(rank, world, shared_memory_works):
 
 
 def _order_and_paths(rank):
-    ch = create_links([local("same#0->host#0")])["same#0->host#0"]
+    ch = my_end(create_links([local("same#0->host#0")]), "same#0->host#0")
     messages = [make_message(i) for i in range(60)]
-    messages += [Message(kind=Kind.FRAME, frame_id=100 + i, tensors=[torch.full((n,), i, dtype=torch.uint8)])
-                 for i, n in enumerate([3 * 2**20, 100_000, 5 * 2**20 + 1, 70_000, INLINE_MAX, 0])]
+    messages += [Message(kind=Kind.DATA, frame_id=100 + i, tensors=[torch.full((n,), i, dtype=torch.uint8)])
+                 for i, n in enumerate([3 * 2**20, 100_000, 5 * 2**20 + 1, 70_000, INLINE_MAX_BYTES, 0])]
     if rank == 0:
         for m in messages:
             ch.send(m, timeout=10)
@@ -71,15 +75,15 @@ def _r_idle_and_woken(rank, world):
     links = create_links([local("idle"), local("woken")])
     if rank == 0:
         time.sleep(1.2)
-        links["idle"].send(make_message(5), timeout=5)
-        links["idle"].close()
+        links.writers["idle"].send(make_message(5), timeout=5)
+        links.writers["idle"].close()
         dist.barrier()
-        links["woken"].close()
+        links.writers["woken"].close()
         return None
     timeouts = 0
     while True:
         try:
-            msg = links["idle"].recv(timeout=0.2)
+            msg = links.readers["idle"].recv(timeout=0.2)
             break
         except ChannelTimeout:
             timeouts += 1
@@ -87,7 +91,7 @@ def _r_idle_and_woken(rank, world):
 
     def blocked():
         try:
-            links["woken"].recv()
+            links.readers["woken"].recv()
         except ChannelClosed as e:
             errors.append(e)
 
@@ -95,11 +99,12 @@ def _r_idle_and_woken(rank, world):
     thread.start()
     time.sleep(0.2)
     t = time.monotonic()
-    links["woken"].close()
+    links.readers["woken"].close()
+    close_s = time.monotonic() - t
     thread.join(5)
     dist.barrier()
     return {"timeouts": timeouts, "ok": same_message(msg, make_message(5)),
-            "woken": bool(errors) and not thread.is_alive(), "woken_s": time.monotonic() - t}
+            "woken": bool(errors) and not thread.is_alive(), "woken_s": time.monotonic() - t, "close_s": close_s}
 
 
 # ------------------------------------------------------------------------ tests
@@ -110,19 +115,10 @@ def world():
         yield w
 
 
-def test_only_same_host_cpu_links_allowed_by_config_are_local():
-    assert is_local(local("x"), TransportConfig())
-    assert not is_local(LinkSpec(name="x", src_rank=0, dst_rank=1), TransportConfig())
-    assert not is_local(local("x"), TransportConfig(shared_memory=False))
-    cuda = LinkSpec(name="x", src_rank=0, dst_rank=1, src_device="cuda:0", dst_device="cuda:1", same_host=True)
-    assert not is_local(cuda, TransportConfig())  # NCCL carries it
-    assert is_local(cuda, TransportConfig(backend="gloo"))  # staged through host memory anyway
-
-
 @pytest.mark.timeout(60)
 def test_messages_arrive_in_order_byte_exact_with_payloads_in_shared_memory(world):
     sender, receiver = world.run(_r_order_and_paths, True, timeout=50)
-    assert sender["kind"] == "SocketChannel" and sender["off"] is None and sender["joined"]
+    assert sender["kind"] == "SocketWriter" and sender["off"] is None and sender["joined"]
     assert all(receiver["ok"]) and receiver["received"] == 66
     paths = sender["paths"]
     assert paths["shm"] >= 20 and paths["inline"] > 0 and paths["empty"] > 0 and paths["socket"] == 0
@@ -140,19 +136,18 @@ def test_without_shared_memory_payloads_travel_in_the_socket(world):
 def test_idle_link_times_out_cleanly_and_close_wakes_a_blocked_recv(world):
     _, receiver = world.run(_r_idle_and_woken, timeout=30)
     assert receiver["ok"] and receiver["timeouts"] >= 3
-    assert receiver["woken"] and receiver["woken_s"] < 2.0
+    assert receiver["woken"] and receiver["woken_s"] < 2.0 and receiver["close_s"] < 0.05
 
 
 # ------------------------------------------------ one process, a socket pair: bad frames
 
-def socket_pair() -> tuple[SocketChannel, SocketChannel, socket.socket]:
-    """Sender and receiver ends joined by a socketpair, plus a raw handle on the sender's
-    socket for writing hand-made frames."""
+def socket_pair() -> tuple[SocketWriter, SocketReader, socket.socket]:
+    """Writer and reader joined by a socketpair, plus a raw handle on the writer's socket
+    for writing hand-made frames."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     fd_a, fd_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     spec, config = local("pair"), TransportConfig(peer_timeout_s=1.0)
-    return (SocketChannel(spec, a, fd_a, is_sender=True, config=config),
-            SocketChannel(spec, b, fd_b, is_sender=False, config=config), a)
+    return SocketWriter(spec, a, fd_a, config), SocketReader(spec, b, fd_b, config), a
 
 
 def raw_frame(kind: int, flags: int = 0, header: bytes = b"", extra: bytes = b"", total: int = 0) -> bytes:
@@ -161,7 +156,7 @@ def raw_frame(kind: int, flags: int = 0, header: bytes = b"", extra: bytes = b""
 
 def test_a_segment_announced_without_its_descriptor_fails_the_link_clearly():
     sender, receiver, raw = socket_pair()
-    header = encode_header(Message(kind=Kind.FRAME, tensors=[torch.zeros(100_000, dtype=torch.uint8)]))
+    header = encode_header(Message(kind=Kind.DATA, tensors=[torch.zeros(100_000, dtype=torch.uint8)]))
     raw.sendall(raw_frame(1, _SHM | _SHM_NEW, header, _ANNOUNCE.pack(2**20, 2), 100_000))
     with pytest.raises(PeerFailure, match="bad frame"):
         receiver.recv(timeout=1)

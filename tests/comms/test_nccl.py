@@ -6,25 +6,28 @@ Needs two CUDA devices (NCCL between two ranks cannot share one); skipped otherw
 import pytest
 import torch
 
-from comms.config import TransportConfig
-from comms.links import LinkSpec, create_links
+from comms.link_spec import LinkSpec, Transport
+from comms.links import create_links
 from comms.message import Kind, Message
-from gloo_ranks import GlooWorld
+from tests.comms.gloo_ranks import GlooWorld
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
                                 reason="needs 2 CUDA devices")
 
 
 def exchange(rank, world_size):
-    specs = [LinkSpec(name="a", src_rank=0, dst_rank=1, src_device="cuda:0", dst_device="cuda:1"),
-             LinkSpec(name="b", src_rank=1, dst_rank=0, src_device="cuda:1", dst_device="cuda:0")]
-    links = create_links(specs, TransportConfig(backend="auto"))
+    specs = [LinkSpec(name="a", src_rank=0, dst_rank=1, transport=Transport.TORCH, backend="nccl",
+                      src_device="cuda:0", dst_device="cuda:1"),
+             LinkSpec(name="b", src_rank=1, dst_rank=0, transport=Transport.TORCH, backend="nccl",
+                      src_device="cuda:1", dst_device="cuda:0")]
+    links = create_links(specs)
     device = torch.device(f"cuda:{rank}")
-    out, back = (links["a"], links["b"]) if rank == 0 else (links["b"], links["a"])
+    outgoing, incoming = ("a", "b") if rank == 0 else ("b", "a")
+    out, back = links.writers[outgoing], links.readers[incoming]
     sent = []
     for i in range(20):  # both directions at once: opposite sends must not deadlock
         t = torch.arange(i + 1000, device=device, dtype=torch.float32).reshape(-1, 10)[: (i % 5) + 1]
-        out.send(Message(kind=Kind.FRAME, frame_id=i, tensors=[t, t.to(torch.uint8)]), timeout=30)
+        out.send(Message(kind=Kind.DATA, frame_id=i, tensors=[t, t.to(torch.uint8)]), timeout=30)
         sent.append(t.cpu())
     got = [back.recv(timeout=30) for _ in range(20)]
     out.close()

@@ -1,6 +1,7 @@
-"""TorchChannel across real gloo ranks (spawned processes, no mocks); the contract tests
-marked ``same_host`` run on the same-host SocketChannel as well (its own particulars are
-in test_local_link.py).
+"""Torch links (TorchWriter / TorchReader) across real gloo ranks (spawned processes, no
+mocks); the contract tests parametrized by ``transport`` run on the same-host link
+(SocketWriter / SocketReader) as well (its own particulars are in test_local_link.py,
+closing and joining in test_close.py).
 
 Rank functions (``_r_*``) run on every rank of a ``GlooWorld``; the tests assert on
 what they return. One two-rank world is shared by most tests to keep spawn costs down;
@@ -18,9 +19,10 @@ import torch
 import torch.distributed as dist
 
 from comms.config import TransportConfig
-from comms.errors import ChannelClosed, ChannelTimeout, PeerFailure, TransportError
+from comms.errors import ChannelClosed, ChannelTimeout, PeerFailure
+from comms.link_spec import LinkSpec, Transport
+from comms.links import LinkEnds, create_links
 from comms.message import Kind, Message
-from comms.links import LinkSpec, create_links
 from comms.posted import PREPOST_MAX, next_prepost
 from tests.comms.gloo_ranks import GlooWorld
 
@@ -43,14 +45,25 @@ def make_message(i: int) -> Message:
         if t.dim() >= 2 and j % 2:
             t = t.transpose(0, 1)  # non-contiguous on the sender
         tensors.append(t)
-    return Message(kind=Kind.FRAME, session=f"s{i % 3}", frame_id=i, revision=i // 10, client_ts=i * 1.5,
+    return Message(kind=Kind.DATA, session=f"s{i % 3}", frame_id=i, revision=i // 10, capture_ts=i * 1.5,
                    trace=[("src", 1000.0 + i)], meta={"i": i, "faces": [[1, 2, 3, 4]] * (i % 3)},
                    tensors=tensors)
 
 
+def link(name: str, src: int = 0, dst: int = 1, transport: Transport = Transport.TORCH) -> LinkSpec:
+    """A link between two ranks as the planner declares it (torch links on gloo)."""
+    return LinkSpec(name=name, src_rank=src, dst_rank=dst, transport=transport,
+                    backend="gloo" if transport == Transport.TORCH else None)
+
+
+def my_end(ends: LinkEnds, name: str):
+    """This rank's end of cross-rank link ``name``: its writer or its reader."""
+    return ends.writers[name] if name in ends.writers else ends.readers[name]
+
+
 def same_message(a: Message, b: Message) -> bool:
     return (a.kind == b.kind and a.session == b.session and a.frame_id == b.frame_id
-            and a.revision == b.revision and a.client_ts == b.client_ts and a.trace == b.trace
+            and a.revision == b.revision and a.capture_ts == b.capture_ts and a.trace == b.trace
             and a.meta == b.meta and len(a.tensors) == len(b.tensors)
             and all(x.dtype == y.dtype and x.shape == y.shape
                     and torch.equal(x.contiguous().reshape(-1).view(torch.uint8),
@@ -61,7 +74,7 @@ def same_message(a: Message, b: Message) -> bool:
 # ------------------------------------------------------------------ rank functions
 
 def _r_order(rank, world, n):
-    ch = create_links([LinkSpec(name="order", src_rank=0, dst_rank=1)])["order"]
+    ch = my_end(create_links([link("order")]), "order")
     if rank == 0:
         for i in range(n):
             ch.send(make_message(i), timeout=10)
@@ -77,16 +90,16 @@ def _r_paths(rank, world):
     # 1 KiB posted ahead: the 2400 B payload does not fit (oversize) and grows it to 1 MiB;
     # the first 2 MiB payload is oversize again, the second fits.
     config = TransportConfig(slot_bytes=4096, inline_max_bytes=2048, prepost_bytes=1024)
-    ch = create_links([LinkSpec(name="paths", src_rank=0, dst_rank=1)], config)["paths"]
+    ch = my_end(create_links([link("paths")], config), "paths")
     messages = [
         Message(kind=Kind.EVENT, meta={"x": 1}),  # empty
-        Message(kind=Kind.FRAME, tensors=[torch.arange(500, dtype=torch.int32)]),  # 2000 B inline
-        Message(kind=Kind.FRAME, tensors=[torch.arange(600, dtype=torch.int32)]),  # 2400 B payload
+        Message(kind=Kind.DATA, tensors=[torch.arange(500, dtype=torch.int32)]),  # 2000 B inline
+        Message(kind=Kind.DATA, tensors=[torch.arange(600, dtype=torch.int32)]),  # 2400 B payload
         Message(kind=Kind.STATUS, meta={"big": "x" * 10000}),  # overflow, no payload
         Message(kind=Kind.STATUS, meta={"big": "y" * 10000}, tensors=[torch.ones(3, 3)]),  # overflow + payload
-        Message(kind=Kind.FRAME, tensors=[torch.ones(2, dtype=torch.bool), torch.zeros(0), torch.tensor(7.0)]),
-        Message(kind=Kind.FRAME, tensors=[torch.arange(2**19, dtype=torch.float32)]),  # 2 MiB, oversize
-        Message(kind=Kind.FRAME, tensors=[torch.arange(2**19, dtype=torch.int32)]),  # 2 MiB, fits now
+        Message(kind=Kind.DATA, tensors=[torch.ones(2, dtype=torch.bool), torch.zeros(0), torch.tensor(7.0)]),
+        Message(kind=Kind.DATA, tensors=[torch.arange(2**19, dtype=torch.float32)]),  # 2 MiB, oversize
+        Message(kind=Kind.DATA, tensors=[torch.arange(2**19, dtype=torch.int32)]),  # 2 MiB, fits now
     ]
     if rank == 0:
         for m in messages:
@@ -97,9 +110,9 @@ def _r_paths(rank, world):
     return ok
 
 
-def _r_backpressure(rank, world, same_host):
+def _r_backpressure(rank, world, transport):
     config = TransportConfig(link_capacity=3)
-    ch = create_links([LinkSpec(name="bp", src_rank=0, dst_rank=1, same_host=same_host)], config)["bp"]
+    ch = my_end(create_links([link("bp", transport=transport)], config), "bp")
     if rank == 0:
         for i in range(3):
             ch.send(make_message(i), timeout=5)
@@ -119,7 +132,7 @@ def _r_backpressure(rank, world, same_host):
         return out
     dist.barrier()
     time.sleep(0.2)  # the sender has been blocked all along; nothing more may have arrived
-    queued = None if same_host else len(ch._queue)  # a socket link queues in the kernel
+    queued = len(ch._queue) if transport == Transport.TORCH else None  # a socket link queues in the kernel
     first = ch.recv(timeout=5)
     dist.barrier()
     rest = [ch.recv(timeout=5).frame_id for _ in range(3)]
@@ -129,13 +142,14 @@ def _r_backpressure(rank, world, same_host):
 def _r_opposite(rank, world, n):
     import threading
 
-    links = create_links([LinkSpec(name="fwd", src_rank=0, dst_rank=1), LinkSpec(name="back", src_rank=1, dst_rank=0)])
-    out_link, in_link = (links["fwd"], links["back"]) if rank == 0 else (links["back"], links["fwd"])
+    links = create_links([link("fwd"), link("back", src=1, dst=0)])
+    outgoing, incoming = ("fwd", "back") if rank == 0 else ("back", "fwd")
+    out_link, in_link = links.writers[outgoing], links.readers[incoming]
     big = [torch.full((1 << 20,), i % 251, dtype=torch.uint8) for i in range(n)]
 
     def pump():
         for i in range(n):
-            out_link.send(Message(kind=Kind.FRAME, frame_id=i, tensors=[big[i]]), timeout=20)
+            out_link.send(Message(kind=Kind.DATA, frame_id=i, tensors=[big[i]]), timeout=20)
 
     sender = threading.Thread(target=pump)
     sender.start()
@@ -146,11 +160,11 @@ def _r_opposite(rank, world, n):
     return ok
 
 
-def _r_close(rank, world, same_host):
-    links = create_links([LinkSpec(name="end", src_rank=0, dst_rank=1, same_host=same_host),
-                          LinkSpec(name="stop", src_rank=0, dst_rank=1, same_host=same_host)])
-    end, stop = links["end"], links["stop"]
+def _r_close(rank, world, transport):
+    links = create_links([link("end", transport=transport), link("stop", transport=transport)])
+    end, stop = my_end(links, "end"), my_end(links, "stop")
     if rank == 0:
+        assert not hasattr(end, "recv")
         for i in range(3):
             end.send(make_message(i), timeout=5)
         t = time.monotonic()
@@ -173,16 +187,17 @@ def _r_close(rank, world, same_host):
     with pytest.raises(ChannelClosed):
         end.recv(timeout=5)
     stop.recv(timeout=5)
+    t = time.monotonic()
     stop.close()
+    close_s = time.monotonic() - t
     with pytest.raises(ChannelClosed):
         stop.recv(timeout=0)
-    with pytest.raises(TransportError):
-        end.send(make_message(0))
-    return {"ids": ids, "joined": end.join(5) and stop.join(5)}
+    assert not hasattr(end, "send")
+    return {"ids": ids, "close_s": close_s, "joined": end.join(5) and stop.join(5)}
 
 
 def _r_idle(rank, world, idle_s):
-    ch = create_links([LinkSpec(name="idle", src_rank=0, dst_rank=1)])["idle"]
+    ch = my_end(create_links([link("idle")]), "idle")
     if rank == 0:
         time.sleep(idle_s)
         ch.send(make_message(5), timeout=5)
@@ -199,33 +214,32 @@ def _r_idle(rank, world, idle_s):
     return {"waited": time.monotonic() - t, "timeouts": timeouts, "ok": same_message(msg, make_message(5))}
 
 
-def _r_kill(rank, world, same_host):
-    links = create_links([LinkSpec(name="a", src_rank=1, dst_rank=0, same_host=same_host),
-                          LinkSpec(name="b", src_rank=0, dst_rank=1, same_host=same_host),
-                          LinkSpec(name="c", src_rank=2, dst_rank=0, same_host=same_host)])
+def _r_kill(rank, world, transport):
+    links = create_links([link("a", src=1, dst=0, transport=transport), link("b", transport=transport),
+                          link("c", src=2, dst=0, transport=transport)])
     if rank == 1:
         for i in range(5):
-            links["a"].send(make_message(i), timeout=5)
-        links["b"].recv(timeout=5)
+            links.writers["a"].send(make_message(i), timeout=5)
+        links.readers["b"].recv(timeout=5)
         os.kill(os.getpid(), signal.SIGKILL)
     if rank == 2:
         for i in range(20):
-            links["c"].send(make_message(i), timeout=10)
+            links.writers["c"].send(make_message(i), timeout=10)
             time.sleep(0.05)
-        links["c"].close()
+        links.writers["c"].close()
         return None
-    links["b"].send(make_message(0), timeout=5)
-    got = [links["a"].recv(timeout=5).frame_id for _ in range(5)]
+    links.writers["b"].send(make_message(0), timeout=5)
+    got = [links.readers["a"].recv(timeout=5).frame_id for _ in range(5)]
     t = time.monotonic()
     with pytest.raises(PeerFailure):
-        links["a"].recv(timeout=30)
+        links.readers["a"].recv(timeout=30)
     recv_noticed = time.monotonic() - t
     t = time.monotonic()
     with pytest.raises(PeerFailure):
         for i in range(10):
-            links["b"].send(make_message(i), timeout=30)
+            links.writers["b"].send(make_message(i), timeout=30)
     send_noticed = time.monotonic() - t
-    healthy = [links["c"].recv(timeout=10).frame_id for _ in range(20)]
+    healthy = [links.readers["c"].recv(timeout=10).frame_id for _ in range(20)]
     return {"got": got, "recv_noticed": recv_noticed, "send_noticed": send_noticed, "healthy": healthy}
 
 
@@ -262,13 +276,13 @@ def test_posted_payload_size_grows_in_whole_mebibytes_up_to_the_cap():
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("same_host", [False, True], ids=["gloo", "same-host"])
-def test_backpressure_blocks_and_times_out_without_exceeding_capacity(world, same_host):
-    sender, receiver = world.run(_r_backpressure, same_host, timeout=30)
+@pytest.mark.parametrize("transport", [Transport.TORCH, Transport.SAME_HOST], ids=["gloo", "same-host"])
+def test_backpressure_blocks_and_times_out_without_exceeding_capacity(world, transport):
+    sender, receiver = world.run(_r_backpressure, transport, timeout=30)
     assert sender["credits_full"] == 0
     assert 0.25 <= sender["waited"] < 2.0
     assert sender["unblocked_after"] < 2.0
-    assert receiver["queued_max"] == (None if same_host else 3)
+    assert receiver["queued_max"] == (3 if transport == Transport.TORCH else None)
     assert receiver["ids"] == [0, 1, 2, 3]
 
 
@@ -278,11 +292,11 @@ def test_opposite_links_on_one_pair_run_concurrently(world):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("same_host", [False, True], ids=["gloo", "same-host"])
-def test_end_and_receiver_close_surface_channel_closed(world, same_host):
-    sender, receiver = world.run(_r_close, same_host, timeout=30)
+@pytest.mark.parametrize("transport", [Transport.TORCH, Transport.SAME_HOST], ids=["gloo", "same-host"])
+def test_end_and_receiver_close_surface_channel_closed(world, transport):
+    sender, receiver = world.run(_r_close, transport, timeout=30)
     assert receiver["ids"] == [0, 1, 2] and receiver["joined"]
-    assert sender["close_s"] < 2.0
+    assert sender["close_s"] < 0.05 and receiver["close_s"] < 0.05
     assert sender["stop_noticed_s"] < 3.0 and sender["credits"] == 0 and sender["joined"]
 
 
@@ -293,10 +307,10 @@ def test_idle_link_does_not_error(world):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("same_host", [False, True], ids=["gloo", "same-host"])
-def test_killed_peer_surfaces_peer_failure_quickly_and_other_links_survive(same_host):
+@pytest.mark.parametrize("transport", [Transport.TORCH, Transport.SAME_HOST], ids=["gloo", "same-host"])
+def test_killed_peer_surfaces_peer_failure_quickly_and_other_links_survive(transport):
     with GlooWorld(3) as w:
-        survivor, _, _ = w.run(_r_kill, same_host, timeout=40, expect_exit={1})
+        survivor, _, _ = w.run(_r_kill, transport, timeout=40, expect_exit={1})
     assert survivor["got"] == [0, 1, 2, 3, 4]
     assert survivor["recv_noticed"] < 3.0
     assert survivor["send_noticed"] < 3.0

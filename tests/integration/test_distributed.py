@@ -3,6 +3,7 @@
 import asyncio
 import json
 import signal
+import socket
 import time
 import urllib.request
 
@@ -153,8 +154,10 @@ def test_a_stalled_rank_is_detected_and_the_job_ends(launch, tmp_path):
     assert took < 15
 
 
-def test_sigterm_to_one_worker_stops_the_whole_job_cleanly(launch):
-    ranks, _ = launch(3)
+def test_sigterm_to_one_worker_stops_the_whole_job_cleanly(launch, tmp_path):
+    # A shutdown budget far above the wait below: a stop that waits for something that
+    # never comes (an END nobody reads) would sit out the budget and fail here.
+    ranks, _ = launch(3, write_config(tmp_path, {"control": {"shutdown_timeout_s": 120}}))
     ranks.signal(1, signal.SIGTERM)
     codes = ranks.wait_all(20)
     assert codes == [0, 0, 0], f"{codes}\n{ranks.log(0)}"
@@ -174,6 +177,25 @@ def test_a_frozen_rank_0_is_noticed_by_the_workers(launch, tmp_path):
     # A status send to a frozen rank 0 stalls inside gloo until peer_timeout_s, or finds
     # no credit for longer than liveness_timeout_s: either way the worker names rank 0.
     for r in (1, 2):
-        assert "rank 0 stalled" in ranks.log(r) or "lost the link to rank 0" in ranks.log(r), ranks.log(r)
+        log = ranks.log(r)
+        assert "rank 0 (server+ingest+display) stalled" in log or "lost the link to rank 0 (server" in log, log
         assert "Traceback" not in ranks.log(r), ranks.log(r)
     assert took < 15
+
+
+def test_a_port_in_use_is_reported_once_with_what_to_do(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ranks = RankProcesses(3, None, tmp_path, extra=["--port", str(port)])
+        try:
+            codes = ranks.wait_all(60)
+        finally:
+            ranks.kill_all()
+    logs = "".join(ranks.log(r) for r in range(3))
+    assert codes == [1, 1, 1], f"{codes}\n{logs}"
+    assert logs.count(str(port)) == 1, logs
+    assert (f"job failed: port {port} on 127.0.0.1 is already in use by another program: stop it, or choose a "
+            f"free port with --port (e.g. --port {port + 1})") in ranks.log(0)
+    assert "Traceback" not in logs

@@ -1,4 +1,4 @@
-"""The whole mirror pipeline in one process (in-process channels) behind the real server."""
+"""The whole mirror pipeline in one process (in-process links) behind the real server."""
 
 import asyncio
 import json
@@ -51,7 +51,7 @@ def check_stream(got, last_id):
 
 def test_frames_come_back_in_order_with_faces_and_emotions(runtime):
     async def scenario():
-        async with MirrorClient(runtime.server.port) as client:
+        async with MirrorClient(runtime.pieces.front.server.port) as client:
             await client.stream(20, fps=15)
             assert await client.wait_for(lambda g: g.outputs and g.outputs[-1].frame_id == 19)
             return client.got
@@ -63,7 +63,7 @@ def test_frames_come_back_in_order_with_faces_and_emotions(runtime):
 
 def test_a_config_change_reaches_the_frames_that_follow(runtime):
     async def scenario():
-        async with MirrorClient(runtime.server.port) as client:
+        async with MirrorClient(runtime.pieces.front.server.port) as client:
             await client.stream(3, fps=15)
             await client.send_text("config.update", {"style": "ink", "output_size": 256})
             assert await client.wait_for(lambda g: any(c["revision"] == 2 for c in g.of_type("config.current")))
@@ -83,7 +83,7 @@ def test_bad_input_gets_errors_and_disturbs_no_one(runtime):
     undecodable = jpeg[:jpeg.index(b"\xff\xc4")] + b"\xff\xd9"  # headers incl. size, no image data
 
     async def scenario():
-        async with MirrorClient(runtime.server.port) as bystander, MirrorClient(runtime.server.port) as client:
+        async with MirrorClient(runtime.pieces.front.server.port) as bystander, MirrorClient(runtime.pieces.front.server.port) as client:
             streaming = asyncio.create_task(bystander.stream(15, fps=10))
             await client.ws.send(b"XXXX" + bytes(16) + jpeg)
             await client.ws.send(b"MMF1")
@@ -111,7 +111,7 @@ def test_bad_input_gets_errors_and_disturbs_no_one(runtime):
 
 
 def test_health_and_metrics_endpoints(runtime):
-    port = runtime.server.port
+    port = runtime.pieces.front.server.port
     health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5))
     assert health["ok"] and health["ranks"][0]["role"] == "server+ingest+vision+generator+display"
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -121,11 +121,11 @@ def test_health_and_metrics_endpoints(runtime):
 def test_a_session_that_left_leaves_no_state_behind(runtime):
     async def scenario():
         for _ in range(3):
-            async with MirrorClient(runtime.server.port) as client:
+            async with MirrorClient(runtime.pieces.front.server.port) as client:
                 await client.stream(4, fps=30)  # leaves with frames still in the pipeline
         await asyncio.sleep(1.0)
 
     asyncio.run(scenario())
-    stats = runtime.aggregator.stats()
-    assert stats["sessions"] == {}
-    assert runtime.inbox.dropped == {} and runtime.sink._last_frame == {}
+    front = runtime.pieces.front
+    assert front.aggregator.stats()["sessions"] == {}
+    assert front.inbox.dropped == {} and front.sink._last_frame == {}

@@ -2,8 +2,9 @@
 
 import pytest
 
-from runtime.config_loader import ConfigError
-from runtime.live_config import LiveConfig, RuntimeSettings
+from core.config import ConfigError
+from core.settings import RuntimeSettings
+from runtime.live_config import LiveConfig
 from runtime.live_view import LiveView
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from runtime.config_loader import ConfigError, build, to_dict
+from core.config import ConfigError, build, to_dict
 from runtime.pipeline_config import PipelineConfig, StageSpec
 
 
@@ -39,7 +39,7 @@ def test_full_stage_round_trips_through_to_dict():
 def test_unknown_key_names_field_and_allowed_keys():
     with pytest.raises(ConfigError, match=r"^pipeline\.stages\[0\]\.replica: unknown key; allowed: .*replicas"):
         build(PipelineConfig, stages({"name": "vision", "replica": 2}), "pipeline")
-    with pytest.raises(ConfigError, match=r"^pipeline\.stage: unknown key; allowed: name, share_server_rank, stages"):
+    with pytest.raises(ConfigError, match=r"^pipeline\.stage: unknown key; allowed: name, plugins, share_server_rank, stages"):
         build(PipelineConfig, {"stage": []}, "pipeline")
 
 

@@ -1,12 +1,14 @@
-"""The rank planner as a pure function: layouts, devices, links, backend and errors."""
+"""The rank planner as a pure function: layouts, devices, links, transports, backend and errors."""
 
 import re
 
 import pytest
 
-from runtime.config_loader import ConfigError, build, to_dict
+from comms.config import TransportConfig
+from comms.link_spec import Transport
+from core.config import ConfigError, build, to_dict
 from runtime.pipeline_config import PipelineConfig
-from runtime.planner import Plan, PlanError, format_plan, plan
+from runtime.planner import LinkKind, Plan, PlanError, format_plan, plan
 
 
 def pipeline(*specs: dict, **extra) -> PipelineConfig:
@@ -24,6 +26,10 @@ def mirror(vision=1, generator="auto") -> PipelineConfig:
 
 def roles(p: Plan) -> list[str]:
     return [a.role for a in p.ranks]
+
+
+def data_links(p: Plan):
+    return [link for link in p.links if link.kind is LinkKind.DATA]
 
 
 LAYOUTS = [(w, n) for w in range(1, 17) for n in (1, 2, 4) if w % n == 0 and w != 2]
@@ -54,8 +60,12 @@ def test_default_pipeline_invariants(world_size, nnodes):
         if spec.nodes is not None:
             assert {p.ranks[r].node for r in ranks} <= set(spec.nodes)
     chain = [len(p.stage_ranks(s.name)) for s in config.stages]
-    assert len(p.links) == sum(a * b for a, b in zip(chain, chain[1:]))
+    assert len(data_links(p)) == sum(a * b for a, b in zip(chain, chain[1:]))
     assert len({link.name for link in p.links}) == len(p.links)
+    # The server rank has a control link to every other rank and a status link back.
+    control = sorted((link.kind, link.src_rank, link.dst_rank) for link in p.links if link.kind is not LinkKind.DATA)
+    assert control == sorted([(LinkKind.CONTROL, 0, r) for r in range(1, world_size)]
+                             + [(LinkKind.STATUS, r, 0) for r in range(1, world_size)])
     if world_size > 1:
         # Every rank but the server's runs exactly one worker replica here.
         assert all(len(a.stages) == 1 for a in p.ranks[1:])
@@ -76,7 +86,7 @@ def test_single_process_runs_everything_on_rank_zero():
     assert p.single_process
     assert roles(p) == ["server+ingest+vision+generator+display"]
     assert [s.replica for s in p.ranks[0].stages] == [0, 0, 0, 0]
-    assert all(link.local for link in p.links) and len(p.links) == 3
+    assert all(link.local for link in p.links) and len(p.links) == 3  # no control links in one process
     assert any("replicas forced to 1: vision (3), generator (auto)" in note for note in p.notes)
 
 
@@ -89,8 +99,10 @@ def test_single_process_ignores_placement_constraints_with_a_note():
 def test_world_three_gives_each_worker_a_rank():
     p = plan(PipelineConfig(), 3)
     assert roles(p) == ["server+ingest+display", "vision", "generator"]
-    assert [(l.name, l.src_rank, l.dst_rank) for l in p.links] == [
+    assert [(l.name, l.src_rank, l.dst_rank) for l in data_links(p)] == [
         ("ingest#0->vision#0", 0, 1), ("vision#0->generator#0", 1, 2), ("generator#0->display#0", 2, 0)]
+    assert [l.name for l in p.links if l.kind is not LinkKind.DATA] == [
+        "control:0->1", "status:1->0", "control:0->2", "status:2->0"]
     assert not any(link.local for link in p.links)
 
 
@@ -100,7 +112,7 @@ def test_auto_generator_spreads_over_two_nodes():
     gen = p.stage_ranks("generator")
     assert gen == [2, 3, 5, 6, 7]
     assert {p.ranks[r].node for r in gen} == {0, 1}
-    assert len(p.links) == 1 * 2 + 2 * 5 + 5 * 1
+    assert len(data_links(p)) == 1 * 2 + 2 * 5 + 5 * 1
 
 
 def test_auto_stages_share_leftover_evenly_earlier_first():
@@ -141,16 +153,30 @@ def test_node_limited_stage_claims_before_unlimited_one():
 def test_node_out_of_range():
     config = pipeline(SERVER_IN, {"name": "vision", "nodes": [0, 2]}, {"name": "generator", "replicas": "auto"})
     with pytest.raises(PlanError, match=r"^stages\[1\]\.nodes\[1\]: stage 'vision' allows node 2, "
-                                        r"but this run has 2 node\(s\) \(indices 0\.\.1\)"):
+                                        r"but this run has 2 node\(s\) \(indices 0\.\.1\); list only those, "
+                                        r"or run with --nnodes 3$"):
         plan(config, 4, nnodes=2)
 
 
 def test_node_without_enough_free_ranks():
     config = pipeline(SERVER_IN, {"name": "vision", "replicas": 3, "nodes": [0]},
                       {"name": "generator", "replicas": "auto"})
-    with pytest.raises(PlanError, match=r"^stages\[1\]\.nodes: stage 'vision' needs 3 rank\(s\) \(replicas\) "
-                                        r"on nodes \[0\] but got only 2 \(1, 2\)"):
+    with pytest.raises(PlanError, match=r"^stages\[1\]\.nodes: stage 'vision' needs 3 ranks on node 0, but only 2 "
+                                        r"are free there: the server and the stages placed before it use the "
+                                        r"others\. To fix: allow more nodes \(e\.g\. nodes: \[0, 1\]\), or run "
+                                        r"more processes per node \(--nproc-per-node\), or lower its replicas to 2$"):
         plan(config, 6, nnodes=2)
+
+
+def test_auto_stage_limited_to_a_full_node_is_told_so():
+    config = pipeline(SERVER_IN, {"name": "vision", "replicas": 2, "nodes": [0]},
+                      {"name": "generator", "replicas": "auto", "nodes": [0]}, {"name": "rest", "replicas": "auto"})
+    # 5 ranks are left for the two auto stages: generator's share is 3, node 0 has 1.
+    with pytest.raises(PlanError, match=r"^stages\[2\]\.nodes: stage 'generator' needs 3 ranks \(its share of the "
+                                        r"ranks left for replicas: auto\) on node 0, but only 1 is free there: .*"
+                                        r"To fix: allow more nodes \(e\.g\. nodes: \[0, 1\]\), or run more "
+                                        r"processes per node \(--nproc-per-node\)$"):
+        plan(config, 8, nnodes=2)
 
 
 def test_too_few_ranks_names_the_stage_and_suggests_a_size():
@@ -185,10 +211,9 @@ def test_explicit_ranks_share_one_process():
     config = pipeline(SERVER_IN, {"name": "vision", "ranks": [1]}, {"name": "generator", "ranks": [1]}, SERVER_OUT)
     p = plan(config, 2)
     assert roles(p) == ["server+ingest+display", "vision+generator"]
-    local = {link.name: link.local for link in p.links}
+    local = {link.name: link.local for link in data_links(p)}
     assert local == {"ingest#0->vision#0": False, "vision#0->generator#0": True, "generator#0->display#0": False}
-    assert p.links_from(1)[0].name == "vision#0->generator#0"
-    assert [link.name for link in p.links_to(0)] == ["generator#0->display#0"]
+    assert [link.name for link in p.links if link.dst_rank == 0] == ["generator#0->display#0", "status:1->0"]
 
 
 def test_explicit_ranks_mixed_with_dedicated_and_auto():
@@ -225,7 +250,7 @@ def test_explicit_rank_outside_its_nodes():
 def test_world_size_must_split_over_nodes():
     with pytest.raises(PlanError, match=r"^world_size: world size 6 does not split evenly over 4 nodes"):
         plan(PipelineConfig(), 6, nnodes=4)
-    with pytest.raises(PlanError, match=r"^world_size: must be >= 1"):
+    with pytest.raises(PlanError, match=r"^world_size: a job needs at least one process, got world size 0"):
         plan(PipelineConfig(), 0)
 
 
@@ -277,23 +302,66 @@ def test_single_process_on_a_gpu_keeps_codecs_on_cpu():
         "ingest": "cpu", "vision": "cuda:0", "generator": "cuda:0", "display": "cpu"}
 
 
+def requesting(backend: str) -> TransportConfig:
+    return TransportConfig(backend=backend)
+
+
 def test_backend_choice():
-    assert plan(PipelineConfig(), 1, gpus_per_node=1).backend() == "gloo"
-    assert plan(PipelineConfig(), 4).backend() == "gloo"
+    assert plan(PipelineConfig(), 1, gpus_per_node=1).backend == "gloo"
+    assert plan(PipelineConfig(), 4).backend == "gloo"
     own = plan(PipelineConfig(), 8, nnodes=2, gpus_per_node=4)
-    assert own.backend() == "nccl" and own.devices_shared() == []
-    assert "links to rank(s) 0 on the CPU need a gloo group" in own.backend_reason()
-    assert own.backend("gloo") == "gloo"
+    assert own.backend == "nccl" and own.devices_shared() == []
+    assert "links to rank(s) 0 on the CPU use gloo" in own.backend_reason
+    assert plan(PipelineConfig(), 8, nnodes=2, gpus_per_node=4, transport=requesting("gloo")).backend == "gloo"
     shared = plan(PipelineConfig(), 8, gpus_per_node=4)
     assert shared.devices_shared() == [(0, "cuda:1", [1, 5]), (0, "cuda:2", [2, 6]), (0, "cuda:3", [3, 7])]
-    assert shared.backend() == "gloo"
-    assert "ranks 1, 5 share cuda:1 on node 0" in shared.backend_reason()
+    assert shared.backend == "gloo"
+    assert "ranks 1, 5 share cuda:1 on node 0" in shared.backend_reason
     with pytest.raises(PlanError, match=r"^backend: 'nccl' needs a CUDA device of its own.*ranks 1, 5 share"):
-        shared.backend("nccl")
+        plan(PipelineConfig(), 8, gpus_per_node=4, transport=requesting("nccl"))
     with pytest.raises(PlanError, match=r"^backend: 'nccl' needs .*worker rank\(s\) 1, 2, 3 have no CUDA device"):
-        plan(PipelineConfig(), 4).backend("nccl")
-    with pytest.raises(PlanError, match=r"^backend: got 'mpi'; allowed: 'auto', 'gloo', 'nccl'"):
-        own.backend("mpi")
+        plan(PipelineConfig(), 4, transport=requesting("nccl"))
+    with pytest.raises(ConfigError, match=r"^backend: got 'mpi'; allowed: 'auto', 'gloo', 'nccl'"):
+        requesting("mpi")
+
+
+def test_a_backend_refusal_points_at_the_transport_section():
+    with pytest.raises(PlanError) as info:
+        plan(PipelineConfig(), 4, transport=requesting("nccl"))
+    assert str(info.value.in_config()).startswith("transport.backend: 'nccl' needs")
+
+
+def transports(p: Plan) -> dict[str, str]:
+    return {link.name: link.describe_transport() for link in p.links}
+
+
+def test_each_link_gets_its_transport_and_backend_once():
+    # 2 nodes x 4, a GPU per worker rank: NCCL between GPU stages, gloo where an end is
+    # on the CPU, a same-host socket within a node unless NCCL carries it.
+    p = plan(mirror(vision=2), 8, nnodes=2, gpus_per_node=4)
+    links = {link.name: link for link in p.links}
+    assert (links["ingest#0->vision#0"].transport, links["ingest#0->vision#0"].backend) == (Transport.SAME_HOST, None)
+    assert links["ingest#0->vision#1"].describe_transport() == "torch (gloo)"  # node 0 CPU -> node 1 GPU
+    assert links["vision#0->generator#0"].describe_transport() == "torch (nccl)"  # same node, GPU to GPU
+    assert links["vision#0->generator#2"].describe_transport() == "torch (nccl)"  # across nodes
+    assert links["generator#2->display#0"].describe_transport() == "torch (gloo)"  # node 1 -> server CPU
+    assert links["control:0->1"].describe_transport() == "same-host"
+    assert links["status:4->0"].describe_transport() == "torch (gloo)"
+    # The same layout without GPUs, with and without shared memory.
+    cpu = plan(mirror(vision=2), 8, nnodes=2)
+    assert transports(cpu)["vision#0->generator#0"] == "same-host"
+    assert transports(cpu)["vision#0->generator#2"] == "torch (gloo)"
+    no_shm = plan(mirror(vision=2), 8, nnodes=2, transport=TransportConfig(shared_memory=False))
+    assert set(transports(no_shm).values()) == {"torch (gloo)"}
+
+
+def test_ranks_sharing_one_gpu_never_get_nccl_links():
+    # 3 ranks on a 1-GPU node: vision and generator both on cuda:0, where NCCL refuses.
+    p = plan(PipelineConfig(), 3, gpus_per_node=1)
+    assert p.backend == "gloo"
+    assert "nccl" not in set(transports(p).values())
+    assert transports(p)["vision#0->generator#0"] == "same-host"  # staged through host memory anyway
+    assert transports(plan(PipelineConfig(), 3, gpus_per_node=2))["vision#0->generator#0"] == "torch (nccl)"
 
 
 def test_server_on_gpu_shares_it_with_a_worker():
@@ -301,7 +369,7 @@ def test_server_on_gpu_shares_it_with_a_worker():
                       {"name": "generator", "replicas": "auto"})
     p = plan(config, 3, gpus_per_node=2)
     assert p.devices_shared() == [(0, "cuda:0", [0, 2])]
-    assert p.backend() == "gloo"
+    assert p.backend == "gloo"
 
 
 def test_plan_is_deterministic_and_pure():
@@ -323,20 +391,22 @@ def test_format_plan_lists_every_rank_and_link(world_size, nnodes, gpus):
         for s in a.stages:
             assert s.label in row
     for link in p.links:
-        assert link.name in text
-    assert f"links ({len(p.links)}, " in text
-    assert re.search(r"^backend: (gloo|nccl) \(", text, re.M)
+        row = next(line for line in lines if re.match(rf"  {link.kind}\s+{re.escape(link.name)}\s", line))
+        assert f"{link.src_rank} -> {link.dst_rank}" in row and row.endswith(link.describe_transport())
+    controls = 2 * (world_size - 1)
+    assert f"links ({len(p.links)}: {len(p.links) - controls} data, {controls // 2} control, {controls // 2} status):" in text
+    assert re.search(r"^process group: (gloo|nccl) \(", text, re.M)
 
 
 def test_format_plan_marks_local_links_and_shared_gpus():
     config = pipeline(SERVER_IN, {"name": "vision", "ranks": [1]}, {"name": "generator", "ranks": [1]},
                       {"name": "refine", "replicas": "auto"}, SERVER_OUT)
     text = format_plan(plan(config, 4, gpus_per_node=1))
-    assert re.search(r"^  vision#0->generator#0\s+rank 1 -> 1\s+cuda:0 -> cuda:0\s+local$", text, re.M)
-    assert re.search(r"^  ingest#0->vision#0\s+rank 0 -> 1\s+cpu -> cuda:0$", text, re.M)
+    assert re.search(r"^  data\s+vision#0->generator#0\s+1 -> 1\s+cuda:0 -> cuda:0\s+in-process$", text, re.M)
+    assert re.search(r"^  data\s+ingest#0->vision#0\s+0 -> 1\s+cpu -> cuda:0\s+same-host$", text, re.M)
+    assert re.search(r"^  control\s+control:0->3\s+0 -> 3\s+cpu -> cpu\s+same-host$", text, re.M)
     assert "shared GPU: cuda:0 on node 0 is used by ranks 1, 2, 3" in text
-    assert "backend: gloo (auto: ranks 1, 2, 3 share cuda:0 on node 0)" in text
-    assert "backend: unusable: backend: 'nccl' needs" in format_plan(plan(config, 4), backend="nccl")
+    assert "process group: gloo (auto: ranks 1, 2, 3 share cuda:0 on node 0)" in text
 
 
 def test_format_plan_shows_notes_and_replica_devices():
@@ -351,6 +421,6 @@ def test_links_cover_every_replica_pair():
     pairs = {(l.src_replica, l.dst_replica) for l in p.links if l.src_stage == "vision"}
     assert pairs == {(a, b) for a in range(len(vision)) for b in range(len(gen))}
     assert len(pairs) == len(vision) * len(gen)
-    for link in p.links:
+    for link in data_links(p):
         assert link.src_rank == p.stage_ranks(link.src_stage)[link.src_replica]
         assert link.dst_rank == p.stage_ranks(link.dst_stage)[link.dst_replica]

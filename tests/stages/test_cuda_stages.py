@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from comms.message import Kind, Message
-from runtime.live_config import RuntimeSettings
-from stages.base import RuntimeView, StageContext
+from core.settings import RuntimeSettings, RuntimeView
+from stages.base import StageContext
 from stages.generator.stage import GeneratorConfig, GeneratorStage
 from stages.vision.config import VisionConfig
 from stages.vision.stage import VisionStage
@@ -27,7 +27,7 @@ def context(device: str) -> StageContext:
 
 def frame_message() -> Message:
     rgb = cv2.cvtColor(cv2.imread(str(FIXTURE)), cv2.COLOR_BGR2RGB)
-    return Message(kind=Kind.FRAME, session="s", frame_id=1, tensors=[torch.from_numpy(rgb)])
+    return Message(kind=Kind.DATA, session="s", frame_id=1, tensors=[torch.from_numpy(rgb)])
 
 
 def test_vision_and_generator_on_cuda_match_cpu():

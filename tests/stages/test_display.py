@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from comms.message import Kind, Message
-from runtime.config_loader import ConfigError
-from runtime.live_config import RuntimeSettings
-from stages.base import RuntimeView, StageContext
+from core.config import ConfigError
+from core.settings import RuntimeSettings, RuntimeView
+from stages.base import StageContext
 from stages.display import DisplayConfig, DisplayStage
 
 FACES = [{"face_id": 3, "bbox": [10, 20, 30, 30], "emotion": "happy", "emotion_probs": {"happy": 0.8},
@@ -39,7 +39,7 @@ def portrait(size: int = 96) -> torch.Tensor:
 
 def portrait_msg(tensor: torch.Tensor, frame_id: int = 11, faces=FACES) -> Message:
     meta = {"faces": faces, "style": {"name": "pop/happy"}} if faces is not None else {}
-    return Message(kind=Kind.PORTRAIT, session="s1", frame_id=frame_id, revision=4, client_ts=55.0,
+    return Message(kind=Kind.DATA, session="s1", frame_id=frame_id, revision=4, capture_ts=55.0,
                    meta=meta, tensors=[tensor])
 
 
@@ -47,7 +47,7 @@ def test_emits_decodable_jpeg_and_page_payload():
     stage, events = make_stage()
     image = portrait()
     (out,) = stage.process([portrait_msg(image)])
-    assert out.kind == Kind.OUTPUT_JPEG and (out.session, out.frame_id, out.revision, out.client_ts) == (
+    assert out.kind == Kind.DATA and (out.session, out.frame_id, out.revision, out.capture_ts) == (
         "s1", 11, 4, 55.0)
     data = out.tensors[0]
     assert data.dtype == torch.uint8 and data.dim() == 1

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from comms.message import Kind, Message
-from runtime.config_loader import ConfigError
-from runtime.live_config import RuntimeSettings
-from stages.base import RuntimeView, StageContext
+from core.config import ConfigError
+from core.settings import RuntimeSettings, RuntimeView
+from stages.base import StageContext
 from stages.ingest import IngestConfig, IngestStage
 from stages.jpeg_header import jpeg_size
 
@@ -33,7 +33,7 @@ def make_stage(**config) -> tuple[IngestStage, list[Message]]:
 
 def camera_msg(data: bytes, frame_id: int = 7, **meta) -> Message:
     payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return Message(kind=Kind.CAMERA_JPEG, session="s1", frame_id=frame_id, client_ts=123.0,
+    return Message(kind=Kind.DATA, session="s1", frame_id=frame_id, capture_ts=123.0,
                    meta=dict(meta), tensors=[payload])
 
 
@@ -48,7 +48,7 @@ def test_decodes_fixture_to_rgb_frame():
     data = FIXTURE.read_bytes()
     (out,) = stage.process([camera_msg(data, width=640, height=480, extra="kept")])
     frame = out.tensors[0]
-    assert out.kind == Kind.FRAME and (out.session, out.frame_id, out.client_ts) == ("s1", 7, 123.0)
+    assert out.kind == Kind.DATA and (out.session, out.frame_id, out.capture_ts) == ("s1", 7, 123.0)
     assert frame.shape == (480, 640, 3) and frame.dtype == torch.uint8 and frame.is_contiguous()
     assert out.meta == {"width": 640, "height": 480, "extra": "kept"}
     # RGB, not BGR: matches OpenCV's decode with the channels swapped.
@@ -100,7 +100,7 @@ def test_frames_over_max_pixels_are_refused_undecoded():
 
 def test_non_byte_payload_is_reported():
     stage, events = make_stage()
-    msg = Message(kind=Kind.CAMERA_JPEG, session="s2", frame_id=1, tensors=[torch.zeros(4, 4)])
+    msg = Message(kind=Kind.DATA, session="s2", frame_id=1, tensors=[torch.zeros(4, 4)])
     assert stage.process([msg]) == []
     assert events[0].meta["code"] == "bad_jpeg" and events[0].session == "s2"
 

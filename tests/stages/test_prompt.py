@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.live_config import STYLES
+from core.settings import STYLES
 from stages.prompt import EMOTIONS, LOOKS, MIN_INTENSITY, MOODS, PINNED_STYLES, WARP_KINDS, style_prompt
 
 

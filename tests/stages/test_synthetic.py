@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from comms.message import Kind, Message
-from runtime.config_loader import ConfigError, build
-from runtime.live_config import RuntimeSettings
+from core.config import ConfigError, build
+from core.settings import RuntimeSettings, RuntimeView
 from stages import synthetic
-from stages.base import RuntimeView, StageContext
+from stages.base import StageContext
 from stages.synthetic import SyntheticConfig, SyntheticStage, calibrate, spin
 
 
@@ -27,7 +27,7 @@ def make_stage(**config) -> SyntheticStage:
 
 
 def frame(frame_id: int) -> Message:
-    msg = Message(kind=Kind.FRAME, session="s", frame_id=frame_id, revision=3, client_ts=12.5,
+    msg = Message(kind=Kind.DATA, session="s", frame_id=frame_id, revision=3, capture_ts=12.5,
                   meta={"width": 4, "height": 2}, tensors=[torch.arange(24, dtype=torch.uint8).reshape(2, 4, 3)])
     return msg.stamp("ingest.end")
 
@@ -39,7 +39,7 @@ def test_frames_pass_through_unchanged_in_order():
     assert [m.frame_id for m in outputs] == [7, 8]
     for out, msg in zip(outputs, batch):
         assert out is not msg
-        assert (out.kind, out.session, out.revision, out.client_ts) == (Kind.FRAME, "s", 3, 12.5)
+        assert (out.kind, out.session, out.revision, out.capture_ts) == (Kind.DATA, "s", 3, 12.5)
         assert out.meta == msg.meta and out.trace == msg.trace
         assert len(out.tensors) == 1 and torch.equal(out.tensors[0], msg.tensors[0])
 

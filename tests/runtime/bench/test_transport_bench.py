@@ -12,6 +12,7 @@ import grpc
 import pytest
 import torch
 
+from comms.config import TransportConfig
 from runtime.bench import grpc_tensor, transport
 from runtime.bench.options import BenchOptions
 from runtime.bench.progress import Progress
@@ -65,6 +66,15 @@ def test_extra_knobs_override_the_plan_and_unknown_ones_are_refused(tmp_path):
         plan_of(options(tmp_path, extra={"messages": "many"}))
     with pytest.raises(ValueError, match=">= 1"):
         plan_of(options(tmp_path, extra={"transport.pings": 0}))
+
+
+def test_the_channels_inline_threshold_is_a_knob_checked_by_the_transport_config(tmp_path):
+    assert plan_of(options(tmp_path)).transport == TransportConfig()
+    plan = plan_of(options(tmp_path, extra={"transport.inline_max_bytes": "16384"}))
+    assert plan.transport == TransportConfig(inline_max_bytes=16384)
+    assert any("16384 B with their header" in note for note in transport.notes_of(plan))
+    with pytest.raises(ValueError, match="inline_max_bytes: must be an integer within 0..slot_bytes/2"):
+        plan_of(options(tmp_path, extra={"inline_max_bytes": 2**20}))
 
 
 def test_rounds_rotate_the_method_order(tmp_path):

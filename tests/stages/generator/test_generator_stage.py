@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from comms.message import Kind, Message
-from runtime.config_loader import ConfigError
-from runtime.live_config import RuntimeSettings
-from stages.base import RuntimeView, StageContext
+from core.config import ConfigError
+from core.settings import RuntimeSettings, RuntimeView
+from stages.base import StageContext
 from stages.generator import GeneratorConfig, GeneratorStage
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "astronaut_640x480.jpg"
@@ -42,8 +42,8 @@ class Harness:
 
 
 def analyzed(frame: torch.Tensor, session: str = "s1", frame_id: int = 1, faces=None,
-             client_ts: float = 1000.0) -> Message:
-    return Message(kind=Kind.ANALYZED, session=session, frame_id=frame_id, revision=1, client_ts=client_ts,
+             capture_ts: float = 1000.0) -> Message:
+    return Message(kind=Kind.DATA, session=session, frame_id=frame_id, revision=1, capture_ts=capture_ts,
                    meta={"faces": [FACE] if faces is None else faces, "width": 640, "height": 480},
                    tensors=[frame])
 
@@ -52,7 +52,7 @@ def test_portrait_of_the_face(frame):
     h = Harness()
     (out,) = h.stage.process([analyzed(frame)])
     portrait = out.tensors[0]
-    assert out.kind == Kind.PORTRAIT and (out.session, out.frame_id, out.revision) == ("s1", 1, 1)
+    assert out.kind == Kind.DATA and (out.session, out.frame_id, out.revision) == ("s1", 1, 1)
     assert portrait.shape == (320, 320, 3) and portrait.dtype == torch.uint8 and portrait.is_contiguous()
     assert out.meta["faces"] == [FACE] and out.meta["width"] == 640
     style = out.meta["style"]
@@ -116,7 +116,7 @@ def test_smoothing_blends_with_previous_output(frame):
     def second_frame(smoothing: float) -> torch.Tensor:
         h = Harness()
         h.set(revision=2, smoothing=smoothing)
-        h.stage.process([analyzed(frame, client_ts=0.0 + 1000.0)])
+        h.stage.process([analyzed(frame, capture_ts=0.0 + 1000.0)])
         sad = {**FACE, "emotion": "sad", "emotion_probs": {"sad": 0.9}}
         return h.stage.process([analyzed(frame, frame_id=2, faces=[sad])])[0].tensors[0].float()
 
@@ -130,9 +130,9 @@ def test_smoothing_blends_with_previous_output(frame):
 def test_portrait_animates_with_capture_time(frame):
     h = Harness()
     h.set(revision=2, smoothing=0.0)
-    first = h.stage.process([analyzed(frame, client_ts=1000.0)])[0].tensors[0].float()
-    again = h.stage.process([analyzed(frame, frame_id=2, client_ts=1000.0)])[0].tensors[0].float()
-    later = h.stage.process([analyzed(frame, frame_id=3, client_ts=1400.0)])[0].tensors[0].float()
+    first = h.stage.process([analyzed(frame, capture_ts=1000.0)])[0].tensors[0].float()
+    again = h.stage.process([analyzed(frame, frame_id=2, capture_ts=1000.0)])[0].tensors[0].float()
+    later = h.stage.process([analyzed(frame, frame_id=3, capture_ts=1400.0)])[0].tensors[0].float()
     assert torch.equal(first, again)  # same capture time, same picture
     assert (later - first).abs().mean() > 2.0
 
@@ -148,7 +148,7 @@ def test_idle_and_excess_sessions_are_evicted(frame):
 
 def test_bad_frame_publishes_event(frame):
     h = Harness()
-    bad = Message(kind=Kind.ANALYZED, session="s9", frame_id=4, meta={"faces": []}, tensors=[torch.zeros(5)])
+    bad = Message(kind=Kind.DATA, session="s9", frame_id=4, meta={"faces": []}, tensors=[torch.zeros(5)])
     outputs = h.stage.process([bad, analyzed(frame)])
     assert [o.session for o in outputs] == ["s1"]
     assert [(e.session, e.frame_id, e.meta["code"]) for e in h.events] == [("s9", 4, "bad_frame")]

@@ -15,7 +15,8 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from runtime.live_config import LiveConfig, RuntimeSettings, settings_to_dict
+from core.settings import STYLES, RuntimeSettings
+from runtime.live_config import LiveConfig, settings_to_dict
 from stages.server.hooks import SessionSink
 
 PRESETS = {"calm": {"style": "ink", "strength": 0.4}, "party": {"style": "neon", "strength": 0.9}}
@@ -82,7 +83,8 @@ class EchoHooks:
 
     def config_current(self) -> dict[str, Any]:
         revision, settings = self.live.current()
-        return {"config": settings_to_dict(settings), "revision": revision, "presets": self.live.presets,
+        return {"config": settings_to_dict(settings), "revision": revision, "styles": list(STYLES),
+                "presets": self.live.presets,
                 "status": {"ranks": self._ranks(), "fps": self._fps()}}
 
     def health(self) -> dict[str, Any]:

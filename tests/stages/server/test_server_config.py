@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.config_loader import ConfigError, build
+from core.config import ConfigError, build
 from stages.server.config import ServerConfig
 
 

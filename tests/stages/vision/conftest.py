@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.live_config import RuntimeSettings
-from stages.base import RuntimeView, StageContext
+from core.settings import RuntimeSettings, RuntimeView
+from stages.base import StageContext
 from vision_testutil import FIXTURES
 
 

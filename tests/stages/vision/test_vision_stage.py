@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from comms.message import Kind, Message
-from runtime.config_loader import ConfigError, build
+from core.config import ConfigError, build
 from stages.vision import EMOTION_LABELS, VisionConfig, VisionStage
 from vision_testutil import ASTRONAUT_FACE, box_iou
 
@@ -21,7 +21,7 @@ def make_stage(context, **overrides) -> VisionStage:
 
 
 def frame(array: np.ndarray, session: str = "s", frame_id: int = 0, **meta) -> Message:
-    return Message(kind=Kind.FRAME, session=session, frame_id=frame_id, client_ts=123.0,
+    return Message(kind=Kind.DATA, session=session, frame_id=frame_id, capture_ts=123.0,
                    meta=dict(meta), tensors=[torch.from_numpy(array)])
 
 
@@ -31,8 +31,8 @@ def test_astronaut_over_ten_frames(context, astronaut_rgb):
     for i in range(10):
         msg = frame(astronaut_rgb, frame_id=i, source="camera")
         (out,) = stage.process([msg])
-        assert out.kind == Kind.ANALYZED and out.frame_id == i and out.session == "s"
-        assert out.client_ts == 123.0 and out.meta["source"] == "camera"
+        assert out.kind == Kind.DATA and out.frame_id == i and out.session == "s"
+        assert out.capture_ts == 123.0 and out.meta["source"] == "camera"
         assert out.tensors[0] is msg.tensors[0]
         assert [name for name, _ in out.trace][-2:] == ["vision.start", "vision.end"]
         (face,) = out.meta["faces"]
@@ -88,7 +88,7 @@ def test_odd_frames_do_not_crash(context, shape):
     rng = np.random.default_rng(0)
     for i in range(4):
         (out,) = stage.process([frame(rng.integers(0, 256, shape, dtype=np.uint8), frame_id=i)])
-        assert out.kind == Kind.ANALYZED and isinstance(out.meta["faces"], list)
+        assert out.kind == Kind.DATA and isinstance(out.meta["faces"], list)
 
 
 def test_gray_frame_still_finds_the_face(context, astronaut_rgb):
@@ -103,8 +103,8 @@ def test_unusable_messages_are_dropped_with_an_event(context):
     context.publish_event = events.append
     stage = make_stage(context)
     bad = [frame(np.zeros((4, 4, 3), np.float32)), frame(np.zeros((0, 4, 3), np.uint8)),
-           frame(np.zeros((4, 4, 2), np.uint8)), Message(kind=Kind.FRAME, session="s"),
-           Message(kind=Kind.CONTROL, session="s")]
+           frame(np.zeros((4, 4, 2), np.uint8)), Message(kind=Kind.DATA, session="s"),
+           Message(session="s", tensors=[torch.zeros(12, dtype=torch.uint8)])]
     good = frame(np.zeros((40, 40, 3), np.uint8))
     outs = stage.process(bad + [good])
     assert len(outs) == 1 and outs[0].frame_id == good.frame_id

@@ -1,0 +1,149 @@
+"""Turning one rank's ``RankPart`` into the objects that run it.
+
+Nothing is started here. ``assemble`` builds the control plane's hub or client and, on
+the server rank, the front end (web server, front door, inbox, output sink, live
+config, aggregator); ``assemble_runners`` then builds every stage (its class from the
+registry, its config, a context) with its runner wired to the link ends or the front
+door's ends the part names. Two steps, so that a stage that fails to construct can
+still be reported to the other ranks by a control plane that already runs.
+``RankRuntime`` only starts, watches and stops what these return.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from comms.links import LinkEnds
+from comms.message import Message
+from core.settings import RuntimeSettings
+from runtime.aggregate import Aggregator
+from runtime.compose import FRONT_DOOR, RankPart, RunnerPart
+from runtime.config import JobConfig
+from runtime.control import ControlClient, ControlHub, config_message
+from runtime.frontdoor import FrontDoor, OutputSink
+from runtime.lifecycle import Lifecycle
+from runtime.live_config import LiveConfig
+from runtime.live_view import LiveView
+from runtime.metrics import StageMetrics, link_snapshot
+from runtime.planner import LinkKind
+from runtime.session_queue import SessionQueue
+from runtime.stage_loop import Inlet, Outlet, Router, StageRunner
+from stages.base import StageContext
+from stages.registry import stage_class
+from stages.server.ws_server import WebServer
+
+
+@dataclass(kw_only=True, slots=True)
+class FrontEnd:
+    """The server rank's web front: the server and what it talks to."""
+
+    server: WebServer
+    door: FrontDoor
+    inbox: SessionQueue | None
+    """The first stage's inlet; None when the pipeline starts with a source."""
+    sink: OutputSink
+    """The last stage's outlet (when the page shows frames) and the route of stages' events."""
+    aggregator: Aggregator
+
+
+@dataclass(kw_only=True, slots=True)
+class RankPieces:
+    front: FrontEnd | None
+    hub: ControlHub | None
+    client: ControlClient | None
+    snapshot: Callable[[], dict]
+    """This rank's stage and link metrics, as heartbeats carry them."""
+    metrics: dict[str, StageMetrics]
+    """Per stage replica, filled by its runner."""
+    publish_event: Callable[[Message], None]
+    """Where a stage's notice for a session goes: the page, or the server rank."""
+    runners: list[StageRunner] = field(default_factory=list)
+    """Built by ``assemble_runners``."""
+
+
+def assemble(part: RankPart, config: JobConfig, links: LinkEnds, live: LiveView, lifecycle: Lifecycle,
+             health: Callable[[], dict]) -> RankPieces:
+    """The control plane's end and, on the server rank, the front end; no runners yet."""
+    metrics = {runner.label: StageMetrics(runner.label) for runner in part.runners}
+    data_links = {link.name for link in part.links if link.kind is LinkKind.DATA}
+
+    def snapshot() -> dict:
+        ends = {}
+        for name in data_links:
+            ends[name] = [end.stats.snapshot() for end in (links.writers.get(name), links.readers.get(name)) if end]
+        return {"rank": part.rank, "role": part.role,
+                "stages": {label: m.snapshot() for label, m in metrics.items()},
+                "links": {name: link_snapshot(stats) for name, stats in ends.items()}}
+
+    hub = client = front = None
+    if part.control is not None and part.control.hub:
+        # The hub and the front end need each other (heartbeats feed the aggregator, config
+        # changes go out through the hub): the hub's callbacks look ``front`` up when called.
+        hub = ControlHub(config=config.control, roles=part.control.roles, lifecycle=lifecycle,
+                         ctl={rank: links.writers[name] for rank, name in part.control.sends.items()},
+                         status={rank: links.readers[name] for rank, name in part.control.receives.items()},
+                         on_snapshot=lambda rank, snap: front.aggregator.on_snapshot(rank, snap),
+                         on_event=lambda msg: front.sink.deliver_event(msg))
+    elif part.control is not None:
+        (server_rank, status), = part.control.sends.items()
+        client = ControlClient(config=config.control, ctl=links.readers[part.control.receives[server_rank]],
+                               status=links.writers[status], live=live, snapshot=snapshot, lifecycle=lifecycle,
+                               server=f"rank {server_rank} ({part.control.roles[server_rank]})")
+    if part.front_door is not None:
+        front = _front_end(part, config, live, lifecycle, hub, snapshot, health)
+
+    def publish_event(msg: Message) -> None:
+        if front is not None:
+            front.sink.deliver_event(msg)
+        elif client is not None:
+            client.publish_event(msg)
+
+    return RankPieces(front=front, hub=hub, client=client, snapshot=snapshot, metrics=metrics,
+                      publish_event=publish_event)
+
+
+def assemble_runners(part: RankPart, config: JobConfig, links: LinkEnds, pieces: RankPieces, live: LiveView,
+                     lifecycle: Lifecycle) -> list[StageRunner]:
+    """Every stage of this rank, constructed, with its runner (not started)."""
+    return [_runner(r, part, config, links, pieces.front, live, lifecycle, pieces.metrics[r.label],
+                    pieces.publish_event) for r in part.runners]
+
+
+def _front_end(part: RankPart, config: JobConfig, live: LiveView, lifecycle: Lifecycle, hub: ControlHub | None,
+               snapshot: Callable[[], dict], health: Callable[[], dict]) -> FrontEnd:
+    inbox = SessionQueue("sessions", config.flow.session_queue_depth) if part.front_door.feeds else None
+    roles = part.control.roles if part.control is not None else {part.rank: part.role}
+    others = hub.liveness if hub is not None else dict
+    aggregator = Aggregator(roles=roles, inbox=inbox, live=live, local_snapshot=snapshot,
+                            liveness=lambda: {part.rank: (lifecycle.failure is None, 0.0), **others()})
+
+    def publish_config(revision: int, settings: RuntimeSettings) -> None:
+        if hub is not None:
+            hub.broadcast(config_message(revision, settings))
+
+    door = FrontDoor(pipeline=config.pipeline.name, live_config=LiveConfig(config.runtime, config.presets),
+                     live_view=live, inbox=inbox, aggregator=aggregator, publish_config=publish_config,
+                     health=health)
+    server = WebServer(config.server, door)
+    sink = OutputSink(server, aggregator, is_open=door.is_open)
+    door.session_closed = sink.forget
+    return FrontEnd(server=server, door=door, inbox=inbox, sink=sink, aggregator=aggregator)
+
+
+def _runner(runner: RunnerPart, part: RankPart, config: JobConfig, links: LinkEnds, front: FrontEnd | None,
+            live: LiveView, lifecycle: Lifecycle, metrics: StageMetrics,
+            publish_event: Callable[[Message], None]) -> StageRunner:
+    inputs: list[Inlet] = [front.inbox if name == FRONT_DOOR else links.readers[name] for name in runner.inputs]
+    outputs: list[Outlet] = [front.sink if name == FRONT_DOOR else links.writers[name] for name in runner.outputs]
+    context = StageContext(rank=part.rank, role=part.role, replica=runner.replica,
+                           device=torch.device(runner.device), logger=logging.getLogger(f"stages.{runner.label}"),
+                           runtime=live.get, publish_event=publish_event)
+    stage = stage_class(runner.spec.kind)(config.stage_config(runner.spec), context)
+    return StageRunner(name=runner.label, stage=stage, inputs=inputs,
+                       router=Router(outputs, runner.spec.routing, lifecycle.stopping) if outputs else None,
+                       max_batch=runner.spec.max_batch, batch_wait_ms=runner.spec.batch_wait_ms, live=live,
+                       metrics=metrics, lifecycle=lifecycle, publish_event=publish_event)

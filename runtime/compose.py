@@ -1,0 +1,211 @@
+"""Composing one rank: what it runs and how its pieces connect, as plain data.
+
+``compose(plan, rank, config)`` is pure: from the plan (where everything runs, every
+link) and the config it returns this rank's part, a ``RankPart``:
+
+* its stage runners, each with the links (or the front door's ends) it reads from and
+  writes to, its routing and micro-batching;
+* on the server rank, the front door: which replica the page's frames feed and which
+  replica's outputs the page shows (either may be absent: a pipeline may begin with a
+  source stage and end with a sink);
+* its control-plane ends: the hub on the server rank, a client elsewhere;
+* every link it is an end of.
+
+Before that, ``check_payloads`` makes sure every stage emits what the next one accepts
+and that the pipeline's two ends fit the front door, so a miswired pipeline is refused
+with both stage names before a process group exists. ``runtime.assemble`` turns a
+``RankPart`` into running objects; ``format_part`` prints it for ``--dry-run``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.config import ConfigError
+from runtime.config import JobConfig
+from runtime.pipeline_config import PipelineConfig, StageSpec
+from runtime.planner import Link, LinkKind, Plan
+from stages.base import ANY, SAME, Payload
+from stages.registry import stage_class
+from stages.server.hooks import CAMERA_JPEG, OUTPUT_JPEG
+
+FRONT_DOOR = "front door"
+"""The name a runner's input or output has when it is the page: camera frames in, or
+frames shown on the page."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunnerPart:
+    """One stage replica on this rank."""
+
+    label: str
+    """'vision#0': stage name and replica index."""
+    spec: StageSpec
+    replica: int
+    device: str
+    accepts: Payload | None
+    emits: Payload | None
+    """What it takes and makes, as checked against its neighbours (``SAME`` resolved)."""
+    inputs: tuple[str, ...]
+    """Link names it reads from, or ``FRONT_DOOR``; empty for a source."""
+    outputs: tuple[str, ...]
+    """Link names it writes to, or ``FRONT_DOOR``; empty for a sink."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FrontDoorPart:
+    """The page's ends of the pipeline, on the server rank."""
+
+    feeds: str | None
+    """The replica the page's camera frames go to; None when the pipeline starts with a source."""
+    shows: str | None
+    """The replica whose outputs the page shows; None when the pipeline ends in a sink."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ControlPart:
+    """This rank's control-plane ends, by peer rank."""
+
+    hub: bool
+    """True on the server rank (it fans out config and stop, and watches every rank)."""
+    sends: dict[int, str]
+    """Link this rank writes to each peer: control links from the hub, a status link from a client."""
+    receives: dict[int, str]
+    """Link this rank reads from each peer."""
+    roles: dict[int, str]
+    """Every rank's role, for naming ranks in messages."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RankPart:
+    rank: int
+    node: int
+    role: str
+    device: str
+    runners: list[RunnerPart]
+    front_door: FrontDoorPart | None
+    """Only on the server rank."""
+    control: ControlPart | None
+    """None in a single process: there is no other rank to control."""
+    links: list[Link]
+    """Every link this rank is an end of (both ends, for an in-process link)."""
+
+
+class CompositionError(ConfigError):
+    """Stages whose payloads do not fit together, or do not fit the front door."""
+
+
+def compose(plan: Plan, rank: int, config: JobConfig) -> RankPart:
+    """What ``rank`` runs under ``plan``; raises ``CompositionError`` for a miswired pipeline."""
+    payloads = check_payloads(config.pipeline)
+    me = plan.ranks[rank]
+    specs = {spec.name: spec for spec in config.pipeline.stages}
+    first, last = config.pipeline.stages[0].name, config.pipeline.stages[-1].name
+    data = [link for link in plan.links if link.kind is LinkKind.DATA]
+    runners = []
+    for placement in me.stages:
+        spec = specs[placement.stage]
+        accepts, emits = payloads[spec.name]
+        inputs = [link.name for link in data
+                  if link.dst_stage == spec.name and link.dst_replica == placement.replica]
+        outputs = [link.name for link in data
+                   if link.src_stage == spec.name and link.src_replica == placement.replica]
+        if spec.name == first and accepts is not None:
+            inputs = [FRONT_DOOR]
+        if spec.name == last and emits is not None:
+            outputs = [FRONT_DOOR]
+        runners.append(RunnerPart(label=placement.label, spec=spec, replica=placement.replica,
+                                  device=placement.device, accepts=accepts, emits=emits,
+                                  inputs=tuple(inputs), outputs=tuple(outputs)))
+    front_door = None
+    if me.server:
+        front_door = FrontDoorPart(feeds=f"{first}#0" if payloads[first][0] is not None else None,
+                                   shows=f"{last}#0" if payloads[last][1] is not None else None)
+    return RankPart(rank=rank, node=me.node, role=me.role, device=me.device, runners=runners,
+                    front_door=front_door, control=_control_part(plan, rank),
+                    links=[link for link in plan.links if rank in (link.src_rank, link.dst_rank)])
+
+
+def _control_part(plan: Plan, rank: int) -> ControlPart | None:
+    if plan.single_process:
+        return None
+    control = [link for link in plan.links if link.kind is not LinkKind.DATA]
+    return ControlPart(
+        hub=plan.ranks[rank].server,
+        sends={link.dst_rank: link.name for link in control if link.src_rank == rank},
+        receives={link.src_rank: link.name for link in control if link.dst_rank == rank},
+        roles={a.rank: a.role for a in plan.ranks})
+
+
+def check_payloads(pipeline: PipelineConfig) -> dict[str, tuple[Payload | None, Payload | None]]:
+    """Each stage's (accepted, emitted) payload, after checking that every stage takes what
+    the one before it makes, and that the first and last stages fit the front door: the
+    first takes the page's camera frames (``CAMERA_JPEG``, on the server rank) or is a
+    source; the last makes frames for the page (``OUTPUT_JPEG``, on the server rank) or is
+    a sink."""
+    stages = pipeline.stages
+    resolved: dict[str, tuple[Payload | None, Payload | None]] = {}
+    flowing: Payload | None = None
+    for i, spec in enumerate(stages):
+        cls = stage_class(spec.kind)
+        accepts, emits = cls.accepts, cls.emits
+        where = f"pipeline.stages[{i}].kind"
+        if i == 0:
+            if accepts is not None and not CAMERA_JPEG.fits(accepts):
+                raise CompositionError(
+                    f"stage {spec.name!r} ({spec.kind}) comes first, so it must take the page's camera frames "
+                    f"({CAMERA_JPEG.describe()}) or be a source (accept nothing); it accepts {accepts.describe()}",
+                    where)
+            flowing = None if accepts is None else CAMERA_JPEG
+            _check_server_end(spec, i, accepts is not None, "takes the page's camera frames")
+        elif accepts is None:
+            raise CompositionError(
+                f"stage {spec.name!r} ({spec.kind}) is a source (accepts nothing), but it follows stage "
+                f"{stages[i - 1].name!r}; a source can only come first", where)
+        elif flowing is None:
+            raise CompositionError(
+                f"stage {spec.name!r} ({spec.kind}) accepts {accepts.describe()}, but stage "
+                f"{stages[i - 1].name!r} before it is a sink (emits nothing)", where)
+        elif not flowing.fits(accepts):
+            raise CompositionError(
+                f"stage {spec.name!r} ({spec.kind}) accepts {accepts.describe()}, but stage "
+                f"{stages[i - 1].name!r} before it emits {flowing.describe()}", where)
+        taken = flowing if accepts is ANY else accepts
+        flowing = taken if emits is SAME else emits
+        resolved[spec.name] = (taken, flowing)
+    last = stages[-1]
+    if flowing is not None:
+        if not flowing.fits(OUTPUT_JPEG):
+            raise CompositionError(
+                f"stage {last.name!r} ({last.kind}) comes last, so it must make frames for the page "
+                f"({OUTPUT_JPEG.describe()}) or be a sink (emit nothing); it emits {flowing.describe()}",
+                f"pipeline.stages[{len(stages) - 1}].kind")
+        _check_server_end(last, len(stages) - 1, True, "shows its frames on the page")
+    return resolved
+
+
+def _check_server_end(spec: StageSpec, index: int, at_front_door: bool, what: str) -> None:
+    if at_front_door and spec.placement != "server":
+        raise CompositionError(f"stage {spec.name!r} {what}, so it must run on the server rank next to the web "
+                               "server: set placement: server", f"pipeline.stages[{index}].placement")
+
+
+def format_part(part: RankPart) -> str:
+    """What one rank runs, for ``--dry-run``."""
+    lines = [f"rank {part.rank} ({part.role}) on node {part.node}, {part.device}:"]
+    if part.front_door is not None:
+        feeds = part.front_door.feeds or "nothing (the pipeline starts with a source)"
+        shows = part.front_door.shows or "nothing (the pipeline ends in a sink)"
+        lines.append(f"  front door: web server; the page's frames feed {feeds}; the page shows {shows}")
+    for runner in part.runners:
+        takes = runner.accepts.describe() if runner.accepts else "nothing (source)"
+        makes = runner.emits.describe() if runner.emits else "nothing (sink)"
+        lines.append(f"  {runner.label} ({runner.spec.kind} on {runner.device}): {takes} -> {makes}")
+        lines.append(f"    in:  {', '.join(runner.inputs) or '-'}")
+        routing = f" (routing: {runner.spec.routing})" if len(runner.outputs) > 1 else ""
+        lines.append(f"    out: {', '.join(runner.outputs) or '-'}{routing}")
+    if part.control is not None:
+        side = "control hub" if part.control.hub else "control client"
+        lines.append(f"  {side}: sends {', '.join(part.control.sends.values())}; "
+                     f"receives {', '.join(part.control.receives.values())}")
+    return "\n".join(lines)

@@ -1,0 +1,45 @@
+"""How one process stops: a flag every component watches, and the first failure.
+
+Stage runners, the control plane and the front end all take the same ``Lifecycle``:
+``request_stop(reason)`` ends the job cleanly, ``fail(reason)`` records the first
+failure (a dead or stalled rank, a broken link, a stage that could not start) and stops
+too, so the process exits non-zero. Both may be called from any thread, any number of
+times; the first call decides.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+log = logging.getLogger(__name__)
+
+
+class JobFailed(RuntimeError):
+    """Raised by the runtime when the job failed for a reason it already logged."""
+
+
+class Lifecycle:
+    def __init__(self) -> None:
+        self.stopping = threading.Event()
+        self.failure: str | None = None
+        """The first failure, or None while the job is healthy (or stopped cleanly)."""
+        self.reason = ""
+        """Why the job is stopping."""
+        self._lock = threading.Lock()
+
+    def request_stop(self, reason: str) -> None:
+        with self._lock:
+            if self.stopping.is_set():
+                return
+            self.reason = reason
+            self.stopping.set()
+        log.info("stopping: %s", reason)
+
+    def fail(self, reason: str) -> None:
+        with self._lock:
+            if self.failure is not None or self.stopping.is_set():
+                return
+            self.failure = self.reason = reason
+            self.stopping.set()
+        log.error("job failed: %s", reason)
