@@ -81,12 +81,11 @@ _FLAG_INLINE, _FLAG_OVERFLOW, _FLAG_PAYLOAD, _FLAG_OVERSIZE = 1, 2, 4, 8
 _CREDIT, _CLOSED = 1, 2
 
 
-class TorchWriter(CrossRankWriter):
-    """The sending end of a torch.distributed link. See the module docstring for the
-    protocol and threads."""
+class _GroupsOfLink:
+    """What both ends of a torch link hold: the peer on each of the link's three groups,
+    and the size of the payload receive the reader keeps posted."""
 
-    def __init__(self, spec: LinkSpec, *, meta, data, credit, config: TransportConfig) -> None:
-        super().__init__(spec, config)
+    def _use_groups(self, spec: LinkSpec, meta, data, credit, config: TransportConfig) -> None:
         self._meta, self._data, self._credit = (Peer(g, self._peer) for g in (meta, data, credit))
         self._data_backend = spec.backend
         self._prepost = spec.backend == "gloo"
@@ -95,6 +94,15 @@ class TorchWriter(CrossRankWriter):
         """Size of the payload receive posted at the reader, tracked by both ends."""
         self._config = config
         self._peer_wait = timedelta(seconds=config.peer_timeout_s)
+
+
+class TorchWriter(_GroupsOfLink, CrossRankWriter):
+    """The sending end of a torch.distributed link. See the module docstring for the
+    protocol and threads."""
+
+    def __init__(self, spec: LinkSpec, *, meta, data, credit, config: TransportConfig) -> None:
+        super().__init__(spec, config)
+        self._use_groups(spec, meta, data, credit, config)
         self._send_lock = threading.Lock()
         self._slot = torch.zeros(config.slot_bytes, dtype=torch.uint8)
         self._end: list[tuple[object, torch.Tensor]] | None = None
@@ -253,18 +261,13 @@ class TorchWriter(CrossRankWriter):
         return dist.is_initialized()  # once the groups are destroyed, nothing can be sent on them
 
 
-class TorchReader(CrossRankReader):
+class TorchReader(_GroupsOfLink, CrossRankReader):
     """The receiving end of a torch.distributed link. See the module docstring for the
     protocol and threads."""
 
     def __init__(self, spec: LinkSpec, *, meta, data, credit, config: TransportConfig) -> None:
         super().__init__(spec, config)
-        self._meta, self._data, self._credit = (Peer(g, self._peer) for g in (meta, data, credit))
-        self._data_backend = spec.backend
-        self._prepost = spec.backend == "gloo"
-        self._posted_bytes = config.prepost_bytes
-        self._config = config
-        self._peer_wait = timedelta(seconds=config.peer_timeout_s)
+        self._use_groups(spec, meta, data, credit, config)
         self._queue: deque[Message] = deque()
         self._pending_credits = 0
         self._device = torch.device(spec.dst_device)

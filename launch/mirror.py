@@ -26,7 +26,8 @@ from runtime.dist import (
 )
 from runtime.lifecycle import JobFailed
 from runtime.log import init_logger
-from runtime.planner import PlanError, format_plan, plan
+from runtime.placement import PlanError
+from runtime.planner import format_plan, plan
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

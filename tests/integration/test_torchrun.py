@@ -1,5 +1,6 @@
 """The README's way to run: torchrun launches the ranks; a WebSocket client drives them."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -21,7 +22,10 @@ def torchrun_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
 
 
-def test_torchrun_three_ranks_serve_a_session_and_stop_on_sigterm(tmp_path):
+@contextlib.contextmanager
+def torchrun_job(tmp_path):
+    """torchrun with 3 ranks in a session of its own; yields it, its log and the page's port
+    once rank 0 serves, and kills what is left at the end."""
     log_path = tmp_path / "torchrun.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -34,7 +38,16 @@ def test_torchrun_three_ranks_serve_a_session_and_stop_on_sigterm(tmp_path):
             assert proc.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.2)
-        (got,) = stream_and_collect(int(match.group(2)), frames=12)
+        yield proc, log_path, int(match.group(2))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def test_torchrun_three_ranks_serve_a_session_and_stop_on_sigterm(tmp_path):
+    with torchrun_job(tmp_path) as (proc, log_path, port):
+        (got,) = stream_and_collect(port, frames=12)
         check_stream(got, 11)
         assert [r["role"] for r in got.of_type("stats")[-1]["ranks"]] == [
             "server+ingest+display", "vision", "generator"]
@@ -44,12 +57,20 @@ def test_torchrun_three_ranks_serve_a_session_and_stop_on_sigterm(tmp_path):
         text = log_path.read_text(errors="replace")
         assert text.count("INFO runtime.rank_runtime: stopped") == 3, text[-3000:]
         assert "job failed" not in text
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
     leftovers = subprocess.run(["pgrep", "-f", f"{LAUNCHER} --port 0"], capture_output=True, text=True).stdout
     assert not leftovers.strip(), f"orphan rank processes: {leftovers}"
+
+
+def test_ctrl_c_on_torchrun_stops_every_rank_in_order(tmp_path):
+    """What the README says of Ctrl-C: every rank stops cleanly; torchrun itself exits 0,
+    or (as torch's elastic agent does today) 1 with its SignalException."""
+    with torchrun_job(tmp_path) as (proc, log_path, _):
+        proc.send_signal(signal.SIGINT)  # a terminal's Ctrl-C reaches torchrun, not its workers' sessions
+        code = proc.wait(30)
+        text = log_path.read_text(errors="replace")
+        assert text.count("INFO runtime.rank_runtime: stopped") == 3, text[-3000:]
+        assert text.count("INFO runtime.lifecycle: stopping: ") == 3 and "job failed" not in text
+        assert code == 0 or (code == 1 and "SignalException" in text), text[-3000:]
 
 
 def test_torchrun_two_nodes_with_c10d_rendezvous(tmp_path):

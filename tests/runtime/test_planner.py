@@ -1,4 +1,5 @@
-"""The rank planner as a pure function: layouts, devices, links, transports, backend and errors."""
+"""The rank planner (and the placement under it) as pure functions: layouts, devices, links,
+transports, backend and errors."""
 
 import re
 
@@ -8,7 +9,8 @@ from comms.config import TransportConfig
 from comms.link_spec import Transport
 from core.config import ConfigError, build, to_dict
 from runtime.pipeline_config import PipelineConfig
-from runtime.planner import LinkKind, Plan, PlanError, format_plan, plan
+from runtime.placement import PlanError
+from runtime.planner import LinkKind, Plan, format_plan, plan
 
 
 def pipeline(*specs: dict, **extra) -> PipelineConfig:
