@@ -96,7 +96,7 @@ class FrontDoor:
         return {
             "config": settings_to_dict(settings),
             "revision": revision,
-            "styles": list(STYLES),
+            "styles": list(STYLES),  # the page's style menu: it never offers a style the config refuses
             "presets": self.live_config.presets,
             "status": {"ranks": stats["ranks"], "fps": stats["fps"]},
         }
