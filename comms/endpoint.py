@@ -29,13 +29,7 @@ import time
 import weakref
 from abc import abstractmethod
 
-from comms.channel import (
-    ChannelReader,
-    ChannelWriter,
-    LinkStats,
-    deadline_of,
-    remaining,
-)
+from comms.channel import ChannelReader, ChannelWriter, LinkStats, deadline_of, remaining
 from comms.config import TransportConfig
 from comms.errors import ChannelClosed, ChannelTimeout, PeerFailure, concise_error
 from comms.header import TensorSpec, encode_for_send

@@ -14,13 +14,7 @@ import threading
 import time
 from collections import deque
 
-from comms.channel import (
-    ChannelReader,
-    ChannelWriter,
-    LinkStats,
-    deadline_of,
-    remaining,
-)
+from comms.channel import ChannelReader, ChannelWriter, LinkStats, deadline_of, remaining
 from comms.errors import ChannelClosed, ChannelTimeout
 from comms.message import Message
 

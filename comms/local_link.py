@@ -47,13 +47,7 @@ import torch
 from comms.channel import deadline_of, remaining
 from comms.config import TransportConfig
 from comms.endpoint import CrossRankReader, CrossRankWriter
-from comms.errors import (
-    ChannelClosed,
-    ChannelTimeout,
-    HeaderError,
-    PeerFailure,
-    TransportError,
-)
+from comms.errors import ChannelClosed, ChannelTimeout, HeaderError, PeerFailure, TransportError
 from comms.header import TensorSpec, decode_header, pack_tensors, unpack_tensors
 from comms.link_spec import LinkSpec
 from comms.message import Message

@@ -52,20 +52,8 @@ import torch.distributed as dist
 from comms.channel import deadline_of, remaining
 from comms.config import TransportConfig
 from comms.endpoint import CrossRankReader, CrossRankWriter
-from comms.errors import (
-    ChannelClosed,
-    ChannelTimeout,
-    HeaderError,
-    PeerFailure,
-    TransportError,
-)
-from comms.header import (
-    TensorSpec,
-    align_up,
-    decode_header,
-    pack_tensors,
-    unpack_tensors,
-)
+from comms.errors import ChannelClosed, ChannelTimeout, HeaderError, PeerFailure, TransportError
+from comms.header import TensorSpec, align_up, decode_header, pack_tensors, unpack_tensors
 from comms.link_spec import LinkSpec
 from comms.message import Message
 from comms.posted import Peer, Posted, await_cuda, filler, next_prepost

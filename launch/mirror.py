@@ -17,13 +17,7 @@ import traceback
 from core.config import ConfigError
 from runtime.compose import compose, format_part
 from runtime.config import ComputeConfig, JobConfig, load_config
-from runtime.dist import (
-    Launch,
-    cuda_devices,
-    destroy_distributed,
-    init_distributed,
-    launch_from_env,
-)
+from runtime.dist import Launch, cuda_devices, destroy_distributed, init_distributed, launch_from_env
 from runtime.lifecycle import JobFailed
 from runtime.log import init_logger
 from runtime.placement import PlanError
@@ -55,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         the_plan = plan(config.pipeline, where.world_size, where.nnodes, cuda_devices(), config.transport)
         me = the_plan.ranks[where.rank]
         where.check_matches(me.node, me.local_rank)
-        from runtime.rank_runtime import (
-            RankRuntime,  # heavy imports only for a real run
-        )
+        from runtime.rank_runtime import RankRuntime  # heavy imports only for a real run
 
         runtime = RankRuntime(config, the_plan, where.rank)
     except (ConfigError, RuntimeError) as e:

@@ -57,6 +57,8 @@ class RankPieces:
     client: ControlClient | None
     snapshot: Callable[[], dict]
     """This rank's stage and link metrics, as heartbeats carry them."""
+    liveness: Callable[[], dict[int, tuple[bool, float]]]
+    """Rank -> (alive, seconds since last heard of): this rank, and on the server rank every rank."""
     metrics: dict[str, StageMetrics]
     """Per stage replica, filled by its runner."""
     publish_event: Callable[[Message], None]
@@ -93,8 +95,11 @@ def assemble(part: RankPart, config: JobConfig, links: LinkEnds, live: LiveView,
         client = ControlClient(config=config.control, ctl=links.readers[part.control.receives[server_rank]],
                                status=links.writers[status], live=live, snapshot=snapshot, lifecycle=lifecycle,
                                server=f"rank {server_rank} ({part.control.roles[server_rank]})")
+    def liveness() -> dict[int, tuple[bool, float]]:
+        return {part.rank: (lifecycle.failure is None, 0.0), **(hub.liveness() if hub is not None else {})}
+
     if part.front_door is not None:
-        front = _front_end(part, config, live, lifecycle, hub, snapshot, health)
+        front = _front_end(part, config, live, hub, snapshot, liveness, health)
 
     def publish_event(msg: Message) -> None:
         if front is not None:
@@ -102,7 +107,7 @@ def assemble(part: RankPart, config: JobConfig, links: LinkEnds, live: LiveView,
         elif client is not None:
             client.publish_event(msg)
 
-    return RankPieces(front=front, hub=hub, client=client, snapshot=snapshot, metrics=metrics,
+    return RankPieces(front=front, hub=hub, client=client, snapshot=snapshot, liveness=liveness, metrics=metrics,
                       publish_event=publish_event)
 
 
@@ -113,13 +118,12 @@ def assemble_runners(part: RankPart, config: JobConfig, links: LinkEnds, pieces:
                     pieces.publish_event) for r in part.runners]
 
 
-def _front_end(part: RankPart, config: JobConfig, live: LiveView, lifecycle: Lifecycle, hub: ControlHub | None,
-               snapshot: Callable[[], dict], health: Callable[[], dict]) -> FrontEnd:
+def _front_end(part: RankPart, config: JobConfig, live: LiveView, hub: ControlHub | None,
+               snapshot: Callable[[], dict], liveness: Callable[[], dict[int, tuple[bool, float]]],
+               health: Callable[[], dict]) -> FrontEnd:
     inbox = SessionQueue("sessions", config.flow.session_queue_depth) if part.front_door.feeds else None
     roles = part.control.roles if part.control is not None else {part.rank: part.role}
-    others = hub.liveness if hub is not None else dict
-    aggregator = Aggregator(roles=roles, inbox=inbox, live=live, local_snapshot=snapshot,
-                            liveness=lambda: {part.rank: (lifecycle.failure is None, 0.0), **others()})
+    aggregator = Aggregator(roles=roles, inbox=inbox, live=live, local_snapshot=snapshot, liveness=liveness)
 
     def publish_config(revision: int, settings: RuntimeSettings) -> None:
         if hub is not None:

@@ -132,9 +132,8 @@ class RankRuntime:
         self.lifecycle.fail(reason)
 
     def health(self) -> dict:
-        liveness = {self.part.rank: (self.failure is None, 0.0)}
-        if self.pieces is not None and self.pieces.hub is not None:
-            liveness.update(self.pieces.hub.liveness())
+        """What ``GET /health`` shows (asked only once the web server runs, after assembly)."""
+        liveness = self.pieces.liveness()
         ranks = [{"rank": a.rank, "role": a.role, "node": a.node, "device": a.device,
                   "alive": liveness.get(a.rank, (False, 0.0))[0],
                   "last_seen_s": round(liveness.get(a.rank, (False, 0.0))[1], 2)}

@@ -22,13 +22,7 @@ from stages.registry import register_stage
 from stages.vision.config import VisionConfig
 from stages.vision.detector import HaarFaceDetector
 from stages.vision.emotion_model import EMOTION_LABELS, MiniXception, load_emotion_model
-from stages.vision.face_crops import (
-    Box,
-    border_value,
-    crop_face,
-    face_quality,
-    to_network_input,
-)
+from stages.vision.face_crops import Box, border_value, crop_face, face_quality, to_network_input
 from stages.vision.tracker import FaceTracker
 
 
@@ -44,6 +38,7 @@ class _Face:
 MIN_VISIBLE = 0.5
 """A tracked face predicted to be mostly outside the frame is not reported until a
 detection finds it again (or the track expires)."""
+
 
 @register_stage
 class VisionStage(Stage):

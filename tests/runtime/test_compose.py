@@ -8,13 +8,7 @@ import pytest
 import torch
 
 from core.config import ConfigError
-from runtime.compose import (
-    FRONT_DOOR,
-    CompositionError,
-    check_payloads,
-    compose,
-    format_part,
-)
+from runtime.compose import FRONT_DOOR, CompositionError, check_payloads, compose, format_part
 from runtime.config import config_from_dict
 from runtime.planner import plan
 from stages.base import ANY, SAME, Payload, Stage
