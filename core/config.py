@@ -6,7 +6,7 @@ dataclass, recursively, and rejects what does not fit with a ``ConfigError`` nam
 field's dotted path and what is allowed:
 
     pipeline.stages[1].replicas: expected an integer >= 1 or 'auto', got 'two'
-    vision.detect_widht: unknown key; allowed: detect_every, detect_width, ...
+    vision.detect_evrey: unknown key; allowed: box_smoothing, cut_threshold, detect_every, ...
 
 Sections validate their own values in ``__post_init__`` with ``check`` /
 ``check_range`` / ``check_choice``. Called directly, a failed check raises at once.

@@ -1,8 +1,8 @@
 """The display stage: portraits in, JPEG bytes and the vision results for the page out.
 
 The last stage before the server: it encodes each portrait with OpenCV at the live
-``jpeg_quality`` and packs what the page shows beside the picture (the frame's faces)
-into ``meta["vision"]``, so the server only forwards bytes and JSON.
+``jpeg_quality`` and packs what the page shows beside the picture (the frame's faces,
+the generator and style that made it) into ``meta["vision"]``, so the server only forwards bytes and JSON.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ class DisplayConfig:
 @register_stage
 class DisplayStage(Stage):
     """Takes portraits (``IMAGE_RGB``, on any device); emits them as JPEG for the page
-    (``OUTPUT_JPEG``, a CPU tensor) with the input meta plus ``meta["vision"] =
-    {"frame_id", "faces"}``. A portrait that cannot be encoded is dropped and reported to
-    its session as an ``encode_failed`` event."""
+    (``OUTPUT_JPEG``, a CPU tensor) with the input meta plus ``meta["vision"]`` (see
+    ``page_vision``): ``{"frame_id", "faces", "generator", "style"}``. A portrait that
+    cannot be encoded is dropped and reported to its session as an ``encode_failed`` event."""
 
     kind = "display"
     Config = DisplayConfig
@@ -66,7 +66,7 @@ class DisplayStage(Stage):
             if jpeg is None:
                 continue
             meta = dict(msg.meta)
-            meta["vision"] = {"frame_id": msg.frame_id, "faces": faces_in_input_pixels(msg.meta)}
+            meta["vision"] = page_vision(msg)
             out = msg.derive(tensors=[torch.from_numpy(jpeg)], meta=meta)
             outputs.append(out.stamp("display.start", started).stamp("display.end"))
         return outputs
@@ -86,6 +86,20 @@ class DisplayStage(Stage):
         return buf.reshape(-1)
 
 
+def page_vision(msg: Message) -> dict:
+    """What the page shows beside the portrait: the faces (the primary one marked), which
+    generator made the frame and in which style."""
+    style = msg.meta.get("style") or {}
+    primary = style.get("face_id")
+    faces = [dict(face, primary=face.get("face_id") == primary) if primary is not None else face
+             for face in faces_in_input_pixels(msg.meta)]
+    vision = {"frame_id": msg.frame_id, "faces": faces}
+    if style:
+        vision["generator"] = style.get("generator")
+        vision["style"] = {key: style.get(key) for key in ("name", "emotion", "confidence")}
+    return vision
+
+
 def faces_in_input_pixels(meta: dict) -> list[dict]:
     """The faces with boxes in the pixels of the frame the browser sent.
 
@@ -98,6 +112,12 @@ def faces_in_input_pixels(meta: dict) -> list[dict]:
     if not sent or not faces:
         return faces
     sx, sy = sent[0] / meta["width"], sent[1] / meta["height"]
-    return [dict(face, bbox=[round(face["bbox"][0] * sx), round(face["bbox"][1] * sy),
-                             round(face["bbox"][2] * sx), round(face["bbox"][3] * sy)]) for face in faces]
+    scaled = []
+    for face in faces:
+        x, y, w, h = face["bbox"]
+        face = dict(face, bbox=[round(x * sx), round(y * sy), round(w * sx), round(h * sy)])
+        if face.get("landmarks"):
+            face["landmarks"] = [[round(px * sx, 1), round(py * sy, 1)] for px, py in face["landmarks"]]
+        scaled.append(face)
+    return scaled
 

@@ -1,14 +1,20 @@
 """Section 'gpu': the real stages timed on a CUDA device, and NCCL links between two GPUs.
 
-Stages. ``VisionStage`` (Haar detection on the CPU every ``detect_every`` frames, tracking,
-the emotion network on the GPU), its emotion network alone (``VisionStage.classify``, one
-face per frame) and ``GeneratorStage``, each built and set up as a rank builds it, are fed
-batches of 1 and 4 frames of the 640x480 astronaut fixture from 1 or 4 sessions. Frames
+Stages. ``VisionStage`` (MTCNN full detection every ``detect_every`` frames of a session,
+ONet verification of the tracked faces in between, the emotion network; all on the GPU,
+with host work around them), MTCNN's full detection alone, the emotion network alone
+(``VisionStage.classify``, one face per frame) and ``GeneratorStage`` with the learned
+style net and with the low-fi renderer, each built and set up as a rank builds it, are fed
+batches of 1 and 8 frames of the 640x480 astronaut fixture from 1 or 8 sessions. Frames
 start on the GPU, as an NCCL link delivers them. After a warm-up every batch is timed
-between two ``torch.cuda.synchronize`` calls: the stage's host work (cropping, detection,
-bookkeeping, copies) counts, as it does in the pipeline; CUDA events alone would hide it.
-Per-frame time is batch time / batch size. 'GPU peak MiB' is torch's peak allocation
-while one stage's cases run (only that stage is built at the time).
+between two ``torch.cuda.synchronize`` calls: the stage's host work (cropping, NMS,
+tracking, bookkeeping, copies) counts, as it does in the pipeline; CUDA events alone would
+hide it. Per-frame time is batch time / batch size. 'GPU peak MiB' is torch's peak
+allocation while one stage's cases run (only that stage is built at the time).
+
+The pipeline's FPS with its vision and generator ranks on the GPU is what section
+'pipeline' measures on a CUDA host (worker stages default to ``device: auto``, a GPU when
+the node has one); this section does not start a pipeline job of its own.
 
 NCCL (2 devices or more). Two spawned ranks stream ``messages`` payloads of the issue's
 large sizes (1.2 MB: a 3x320x320 float32 frame; 2.76 MB: a 1280x720 RGB uint8 frame, as
@@ -29,9 +35,9 @@ import math
 import queue
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import torch
@@ -41,14 +47,15 @@ import torch.multiprocessing as mp
 from comms.link_spec import LinkSpec, Transport
 from comms.links import create_links
 from comms.message import Kind, Message
-from core.settings import RuntimeSettings, RuntimeView
 from runtime.bench.options import BenchOptions
 from runtime.bench.ports import free_port
 from runtime.bench.progress import Progress
 from runtime.bench.results import Column, PlotSpec, SectionResult, Target
+from runtime.bench.stage_harness import (ASTRONAUT, StyleWeights, fixture_frame, fixture_rgb, frame_batch, release,
+                                         stage_context, style_weights)
+from runtime.bench.stage_harness import sync as sync_device
 from runtime.bench.stats import median, ratio, summarize
 from runtime.dist import destroy_distributed
-from stages.base import StageContext
 from stages.generator.stage import GeneratorConfig, GeneratorStage
 from stages.vision.config import VisionConfig
 from stages.vision.face_crops import border_value, crop_face
@@ -59,11 +66,8 @@ log = logging.getLogger(__name__)
 TITLE = "GPU: stages on CUDA, NCCL links"
 NO_CUDA = ("no CUDA device on this machine (torch.cuda.is_available() is False); "
            "GPU figures need a GPU host")
-FIXTURE = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "astronaut_640x480.jpg"
-STAGES = ("vision stage", "emotion model", "generator")
-BATCH_SIZES = (1, 4)
-FRAME_MS = 50.0
-"""Capture clock step between a session's frames (20 fps), for the generator's animation."""
+STAGES = ("vision stage", "MTCNN detection", "emotion model", "generator, style net", "generator, low-fi")
+BATCH_SIZES = (1, 8)
 PAYLOADS: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
     "1.2 MB": (torch.float32, (3, 320, 320)),
     "2.76 MB": (torch.uint8, (720, 1280, 3)),
@@ -103,13 +107,19 @@ def run(options: BenchOptions, progress: Progress) -> SectionResult:
         return SectionResult(name="gpu", title=TITLE, skipped=NO_CUDA)
     device = torch.device("cuda:0")
     warmup, timed = iterations(options)
-    rows = stage_rows(device, warmup, timed, progress)
+    weights = style_weights(options.out_dir / "scratch")
+    rows = stage_rows(device, warmup, timed, progress, weights=weights)
     free, total = torch.cuda.mem_get_info(device)
     notes = [f"Device: {torch.cuda.get_device_name(device)}; {torch.cuda.device_count()} CUDA device(s).",
              f"Stages: {warmup} warm-up and {timed} timed batches per case; p50/p95 over the timed batches. "
-             "The vision stage's p95 is the Haar detection frames (on the CPU).",
+             f"The vision stage's p95 is its full MTCNN detection frames (1 in {VisionConfig().detect_every} "
+             "per session; the others verify the tracked faces with ONet alone).",
              f"Device memory in use after the stage timings: {(total - free) / 2**30:.2f} of "
-             f"{total / 2**30:.1f} GiB (CUDA context and other processes included)."]
+             f"{total / 2**30:.1f} GiB (CUDA context and other processes included).",
+             "Pipeline FPS with the generator rank on the GPU: run section 'pipeline' on this host (its worker "
+             "stages default to device 'auto', a GPU when the node has one); not repeated here."]
+    if weights.note:
+        notes.append(f"Style net weights: {weights.note}.")
     details: dict[str, Any] = {"warmup": warmup, "timed": timed}
     plots = PLOTS[:1]
     if torch.cuda.device_count() >= 2:
@@ -139,73 +149,64 @@ def iterations(options: BenchOptions) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------- stages
 
-def stage_rows(device: torch.device, warmup: int, timed: int, progress: Progress) -> list[dict[str, Any]]:
+def stage_rows(device: torch.device, warmup: int, timed: int, progress: Progress, *, weights: StyleWeights,
+               batch_sizes: tuple[int, ...] = BATCH_SIZES) -> list[dict[str, Any]]:
     """One row per stage and batch size, the stages running on ``device`` (the section
-    uses cuda:0; tests run the same code on the CPU)."""
+    uses cuda:0; tests run the same code on the CPU, with smaller batches)."""
     frame = fixture_frame(device)
+    rgb = fixture_rgb(ASTRONAUT)
     rows = []
-    vision = VisionStage(VisionConfig(), _context(device, "vision"))
+    vision = VisionStage(VisionConfig(), stage_context(device, "vision"))
     vision.setup()
     try:
-        (probe,) = vision.process(frame_batch(frame, 1, 0))
+        (probe,) = vision.process(frame_batch(frame, 1, 0, prefix="probe"))
         faces = probe.meta["faces"]
         if not faces:
-            raise RuntimeError(f"the detector found no face in {FIXTURE}; the timings need one")
-        gray = cv2.cvtColor(frame.cpu().numpy(), cv2.COLOR_RGB2GRAY)
+            raise RuntimeError(f"the detector found no face in {ASTRONAUT}; the timings need one")
+        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         crop = crop_face(gray, tuple(faces[0]["bbox"]), vision.config.emotion_margin, border_value(gray))
-        rows += _time_stage("vision stage", vision.process, lambda b, i: frame_batch(frame, b, i),
-                            device, warmup, timed, progress)
-        rows += _time_stage("emotion model", vision.classify, lambda b, i: [crop] * b,
-                            device, warmup, timed, progress)
+        cases: list[tuple[str, Callable[[Any], Any], Callable[[int, int], Any]]] = [
+            ("vision stage", vision.process, lambda b, i: frame_batch(frame, b, i)),
+            ("MTCNN detection", vision.detector.detect, lambda b, i: [rgb] * b),
+            ("emotion model", vision.classify, lambda b, i: [crop] * b),
+        ]
+        for what, process, make_batch in cases:
+            rows += _time_stage(what, process, make_batch, device, warmup, timed, progress, batch_sizes)
     finally:
         vision.teardown()
-        _release(device)
-    generator = GeneratorStage(GeneratorConfig(), _context(device, "generator"))
-    generator.setup()
-    try:
-        rows += _time_stage("generator", generator.process, lambda b, i: frame_batch(frame, b, i, faces),
-                            device, warmup, timed, progress)
-    finally:
-        generator.teardown()
-        _release(device)
+        release(device)
+    for what, model in (("generator, style net", "stylenet"), ("generator, low-fi", "lowfi")):
+        config = GeneratorConfig(model=model, weights=str(weights.path) if model == "stylenet" else None)
+        generator = GeneratorStage(config, stage_context(device, "generator"))
+        generator.setup()
+        try:
+            rows += _time_stage(what, generator.process, lambda b, i: frame_batch(frame, b, i, faces),
+                                device, warmup, timed, progress, batch_sizes)
+        finally:
+            generator.teardown()
+            release(device)
     return rows
 
 
-def fixture_frame(device: torch.device) -> torch.Tensor:
-    """The 640x480 fixture as an RGB uint8 HWC tensor on ``device``."""
-    bgr = cv2.imread(str(FIXTURE))
-    if bgr is None:
-        raise FileNotFoundError(f"benchmark fixture missing or unreadable: {FIXTURE}")
-    return torch.from_numpy(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)).to(device)
-
-
-def frame_batch(frame: torch.Tensor, batch: int, index: int,
-                faces: list[dict[str, Any]] | None = None) -> list[Message]:
-    """Frame ``index`` of sessions s0..s{batch-1}: FRAME messages, or ANALYZED ones
-    carrying ``faces`` (what vision hands the generator)."""
-    kind, meta = (Kind.DATA, {}) if faces is None else (Kind.DATA, {"faces": faces})
-    return [Message(kind=kind, session=f"s{s}", frame_id=index, capture_ts=index * FRAME_MS,
-                    meta=dict(meta), tensors=[frame]) for s in range(batch)]
-
-
 def _time_stage(what: str, process: Callable[[Any], Any], make_batch: Callable[[int, int], Any],
-                device: torch.device, warmup: int, timed: int, progress: Progress) -> list[dict[str, Any]]:
+                device: torch.device, warmup: int, timed: int, progress: Progress,
+                batch_sizes: tuple[int, ...]) -> list[dict[str, Any]]:
     rows = []
     frame_index = itertools.count(1)  # sessions keep one clock across cases, as a live stream would
-    for batch in BATCH_SIZES:
+    for batch in batch_sizes:
         progress.start(f"gpu: {what}, batch {batch}")
         for _ in range(warmup):
             process(make_batch(batch, next(frame_index)))
-        _sync(device)
+        sync_device(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         per_frame_ms = []
         for _ in range(timed):
             inputs = make_batch(batch, next(frame_index))
-            _sync(device)
+            sync_device(device)
             started = time.perf_counter()
             process(inputs)
-            _sync(device)
+            sync_device(device)
             per_frame_ms.append((time.perf_counter() - started) * 1000.0 / batch)
         summary = summarize(per_frame_ms)
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
@@ -213,21 +214,6 @@ def _time_stage(what: str, process: Callable[[Any], Any], make_batch: Callable[[
                      "p95_ms": summary["p95"], "fps": 1000.0 / summary["mean"], "peak_mib": peak})
         progress.step()
     return rows
-
-
-def _context(device: torch.device, role: str) -> StageContext:
-    return StageContext(rank=0, role=role, replica=0, device=device, logger=logging.getLogger(f"bench.gpu.{role}"),
-                        runtime=lambda: RuntimeView(revision=1, settings=RuntimeSettings()))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _release(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------ NCCL links
@@ -347,7 +333,7 @@ def _raw_round(rank: int, payload: torch.Tensor, messages: int, group, sync) -> 
             dist.send(payload, 1, group=group)
         else:
             dist.recv(payload, 0, group=group)
-    _sync(payload.device)
+    sync_device(payload.device)
     return time.perf_counter() - started
 
 
@@ -359,5 +345,5 @@ def _channel_round(rank: int, link, payload: torch.Tensor, messages: int, sync) 
             link.send(Message(kind=Kind.DATA, frame_id=i, tensors=[payload]), timeout=30.0)
         else:
             link.recv(timeout=30.0)
-    _sync(payload.device)
+    sync_device(payload.device)
     return time.perf_counter() - started

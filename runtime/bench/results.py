@@ -58,7 +58,7 @@ class PlotSpec:
 @dataclass(kw_only=True, slots=True)
 class SectionResult:
     name: str
-    """Short id: 'pipeline', 'synthetic', 'transport', 'gpu'."""
+    """Short id: 'pipeline', 'synthetic', 'transport', 'models', 'gpu'."""
     title: str
     columns: list[Column] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)

@@ -23,6 +23,7 @@ SECTION_MODULES = {
     "pipeline": "runtime.bench.pipeline",
     "synthetic": "runtime.bench.synthetic",
     "transport": "runtime.bench.transport",
+    "models": "runtime.bench.models",
     "gpu": "runtime.bench.gpu",
 }
 FAILED = "failed: "

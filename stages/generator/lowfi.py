@@ -3,7 +3,7 @@
 Pure torch on batched float images ``[B, 3, H, W]`` in 0..1, on whatever device they
 live on, with per-sample parameters, so one call styles every portrait of a micro-batch
 even when they come from different sessions with different emotions. Nothing here
-keeps state: temporal smoothing takes the previous output as an argument.
+keeps state (temporal smoothing happens after it, in ``stages.generator.temporal``).
 
 The pipeline of ``stylize``:
 
@@ -229,13 +229,6 @@ def saturate(images: torch.Tensor, factor: float) -> torch.Tensor:
     """Push colours away from their luma by ``factor`` (1 = unchanged)."""
     lum = luminance(images)
     return (lum + (images - lum) * factor).clamp(0.0, 1.0)
-
-
-def temporal_smooth(current: torch.Tensor, previous: torch.Tensor | None, alpha: float) -> torch.Tensor:
-    """EMA: ``alpha`` of the previous output kept (0 = none); no previous → current."""
-    if previous is None or alpha <= 0.0 or previous.shape != current.shape:
-        return current
-    return torch.lerp(current, previous.to(current.device, current.dtype), alpha)
 
 
 def stylize(images: torch.Tensor, params: LowFiBatch) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Vision stage: Haar face detection, per-session tracking and FER-2013 emotions."""
+"""Vision stage: MTCNN faces and landmarks, per-session verified tracking and FER-2013 emotions."""
 
 from stages.vision.config import VisionConfig
 from stages.vision.emotion_model import EMOTION_LABELS, MiniXception, load_emotion_model

@@ -1,10 +1,16 @@
-"""The vision stage: camera frames in, the same frames plus faces and emotions out.
+"""The vision stage: camera frames in, the same frames plus faces, landmarks and emotions out.
 
-Per frame it converts RGB to gray, runs the Haar detector when the session's tracker
-asks for it (every ``detect_every`` frames, or while no face is tracked), advances the
-session's face tracks, and crops every tracked face. The emotion network then runs once
-over all crops of the micro-batch, whatever session they came from, in chunks of
-``emotion_batch_max`` on ``context.device``.
+Per micro-batch it asks each session's tracker what the frame needs (``FaceTracker.begin``:
+a scene-cut check, then a full MTCNN detection or a verification of the tracked faces),
+runs all full detections of the batch in one ``MTCNN.detect`` call and all verifications
+in one ``MTCNN.verify`` call, hands the results back to the trackers, crops every
+confirmed face and runs the emotion network once over all crops of the batch, in chunks
+of ``emotion_batch_max`` on ``context.device``. The emotion a face reports is smoothed
+over its track's recent frames.
+
+Two frames of one session in the same micro-batch depend on each other (the second is
+tracked from the first), so a batch is processed in waves, each holding at most one
+frame per session; with one frame per session, the usual case, that is one wave.
 """
 
 from __future__ import annotations
@@ -20,38 +26,48 @@ from stages.base import Stage, StageContext
 from stages.payloads import IMAGE_RGB
 from stages.registry import register_stage
 from stages.vision.config import VisionConfig
-from stages.vision.detector import HaarFaceDetector
 from stages.vision.emotion_model import EMOTION_LABELS, MiniXception, load_emotion_model
 from stages.vision.face_crops import Box, border_value, crop_face, face_quality, to_network_input
-from stages.vision.tracker import FaceTracker
+from stages.vision.mtcnn import MTCNN
+from stages.vision.scene_cut import thumbnail
+from stages.vision.tracker import FaceTracker, Track
+
+
+@dataclass(slots=True)
+class _Frame:
+    """One usable frame of the batch and, once tracked, its confirmed faces."""
+
+    msg: Message
+    tensor: torch.Tensor
+    rgb: np.ndarray
+    gray: np.ndarray
+    faces: list["_Face"]
 
 
 @dataclass(slots=True)
 class _Face:
-    """One tracked face of one frame, waiting for its emotion."""
+    """One confirmed face of one frame, as it was in that frame, waiting for its emotion."""
 
-    face_id: int
+    track: Track
     box: Box
+    landmarks: tuple[tuple[float, float], ...]
+    score: float
     quality: float
-
-
-MIN_VISIBLE = 0.5
-"""A tracked face predicted to be mostly outside the frame is not reported until a
-detection finds it again (or the track expires)."""
 
 
 @register_stage
 class VisionStage(Stage):
-    """Face detection, tracking and emotion recognition.
+    """Face detection with landmarks, tracking and emotion recognition.
 
     Takes frames (``IMAGE_RGB``: tensors[0] RGB uint8 HWC on the CPU or a GPU; H x W
     grayscale and 4-channel frames are accepted too). Emits one message per usable
     frame (``IMAGE_RGB``), carrying the same frame tensor and the input's meta plus
-    ``meta["faces"]``: a list, largest face first, of ``{"face_id", "bbox": [x, y, w, h]
-    (input pixels), "emotion", "emotion_probs": {label: p}, "quality": 0..1}``, and trace
-    points ``vision.start`` / ``vision.end``. A message whose tensor cannot be a frame is
-    dropped with a warning and a ``Kind.EVENT`` (``meta["code"] = "vision_bad_frame"``)
-    to its session.
+    ``meta["faces"]``: a list, largest face first, of the faces confirmed in this frame:
+    ``{"face_id", "bbox": [x, y, w, h], "landmarks": [[x, y] x 5] (eyes, nose, mouth
+    corners; input pixels), "score": detector confidence, "emotion", "emotion_probs":
+    {label: p} (smoothed per face), "quality": 0..1}``, and trace points ``vision.start``
+    / ``vision.end``. A message whose tensor cannot be a frame is dropped with a warning
+    and a ``Kind.EVENT`` (``meta["code"] = "vision_bad_frame"``) to its session.
     """
 
     kind = "vision"
@@ -62,69 +78,83 @@ class VisionStage(Stage):
     def __init__(self, config: VisionConfig, context: StageContext) -> None:
         super().__init__(config, context)
         self.model: MiniXception | None = None
-        self.detector: HaarFaceDetector | None = None
+        self.detector: MTCNN | None = None
         self.tracker = FaceTracker(
             detect_every=config.detect_every, iou_match=config.iou_match, max_misses=config.max_misses,
-            box_smoothing=config.box_smoothing, max_faces=config.max_faces,
+            box_smoothing=config.box_smoothing, emotion_smoothing=config.emotion_smoothing,
+            cut_threshold=config.cut_threshold, max_faces=config.max_faces,
             session_idle_s=config.session_idle_s, max_sessions=config.max_sessions)
 
     def setup(self) -> None:
         cfg = self.config
-        self.detector = HaarFaceDetector(detect_width=cfg.detect_width, scale_factor=cfg.scale_factor,
-                                         min_neighbors=cfg.min_neighbors, min_face_px=cfg.min_face_px)
+        self.detector = MTCNN(cfg.detector_path, self.context.device, min_face_px=cfg.min_face_px,
+                              thresholds=(0.6, 0.7, cfg.face_threshold))
         self.model = load_emotion_model(cfg.weights_path, self.context.device)
-        with torch.inference_mode():  # first call allocates and picks kernels; keep it off the first frame
+        with torch.inference_mode():  # first calls allocate and pick kernels; keep them off the first frame
             self.model(to_network_input([np.zeros((64, 64), np.uint8)]).to(self.context.device))
-        self.log.info("vision ready: weights %s on %s, detect every %d frame(s) at width %d",
-                      cfg.weights_path, self.context.device, cfg.detect_every, cfg.detect_width)
+        self.detector.detect([np.zeros((120, 160, 3), np.uint8)])
+        self.log.info("vision ready: MTCNN + emotion %s on %s, full detection every %d frame(s), faces >= %d px",
+                      cfg.weights_path.name, self.context.device, cfg.detect_every, cfg.min_face_px)
 
     def process(self, batch: list[Message]) -> list[Message]:
-        if self.model is None:
+        if self.model is None or self.detector is None:
             raise RuntimeError("VisionStage.process called before setup() (or after teardown())")
-        cfg = self.config
-        accepted: list[tuple[Message, torch.Tensor, list[_Face]]] = []
-        crops: list[np.ndarray] = []
+        frames = []
         for msg in batch:
             msg.stamp("vision.start")
-            frame = self._frame_of(msg)
-            if frame is None:
-                continue
-            tensor, rgb = frame
-            gray = rgb[..., 0] if rgb.shape[2] == 1 else cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-            height, width = gray.shape
-            detections = (self.detector.detect(gray)
-                          if self.tracker.needs_detection(msg.session, (width, height)) else None)
-            fill = border_value(gray)
-            faces = []
-            for track in self.tracker.update(msg.session, (width, height), detections):
-                if track.visible_fraction(width, height) < MIN_VISIBLE:
-                    continue  # predicted off the frame: its crop would be mostly fill
-                box = track.int_box(width, height)
-                crop = crop_face(gray, box, cfg.emotion_margin, fill)
-                quality = face_quality(crop, box, full_size_px=cfg.quality_full_px,
-                                       sharpness_ref=cfg.sharpness_ref)
-                crops.append(crop)
-                faces.append(_Face(face_id=track.face_id, box=box, quality=quality))
-            accepted.append((msg, tensor, faces))
+            usable = self._frame_of(msg)
+            if usable is not None:
+                frames.append(usable)
+        for wave in _waves(frames):
+            self._track(wave)
 
+        faces = [face for f in frames for face in f.faces]
+        fill = {id(f): border_value(f.gray) for f in frames}
+        crops = [crop_face(f.gray, face.box, self.config.emotion_margin, fill[id(f)])
+                 for f in frames for face in f.faces]
+        for face, crop in zip(faces, crops):
+            face.quality = face_quality(crop, face.box, full_size_px=self.config.quality_full_px,
+                                        sharpness_ref=self.config.sharpness_ref)
         probs = self.classify(crops)
         outputs = []
         row = 0
-        for msg, tensor, faces in accepted:
+        for f in frames:
             described = []
-            for face in faces:
-                p = probs[row]
+            for face in f.faces:
+                # In batch order, so two frames of one session smooth in capture order.
+                smoothed = face.track.observe_emotion(probs[row], self.config.emotion_smoothing)
                 row += 1
                 described.append({
-                    "face_id": face.face_id,
+                    "face_id": face.track.face_id,
                     "bbox": list(face.box),
-                    "emotion": EMOTION_LABELS[int(p.argmax())],
-                    "emotion_probs": {label: round(float(v), 4) for label, v in zip(EMOTION_LABELS, p)},
+                    "landmarks": [[round(x, 1), round(y, 1)] for x, y in face.landmarks],
+                    "score": round(face.score, 4),
+                    "emotion": EMOTION_LABELS[int(smoothed.argmax())],
+                    "emotion_probs": {label: round(float(v), 4) for label, v in zip(EMOTION_LABELS, smoothed)},
                     "quality": round(face.quality, 3),
                 })
-            out = msg.derive(tensors=[tensor], meta={**msg.meta, "faces": described})
+            out = f.msg.derive(tensors=[f.tensor], meta={**f.msg.meta, "faces": described})
             outputs.append(out.stamp("vision.end"))
         return outputs
+
+    def _track(self, wave: list[_Frame]) -> None:
+        """Detect or verify the faces of frames from distinct sessions, batched."""
+        steps = []
+        for f in wave:
+            height, width = f.gray.shape
+            steps.append(self.tracker.begin(f.msg.session, (width, height), thumbnail(f.gray)))
+        to_detect = [f for f, step in zip(wave, steps) if step.detect]
+        to_verify = [(f, step) for f, step in zip(wave, steps) if not step.detect]
+        detected = self.detector.detect([f.rgb for f in to_detect]) if to_detect else []
+        verified = (self.detector.verify([f.rgb for f, _ in to_verify], [step.boxes for _, step in to_verify])
+                    if to_verify else [])
+        results = [(f, found, True) for f, found in zip(to_detect, detected)]
+        results += [(f, found, False) for (f, _), found in zip(to_verify, verified)]
+        for f, found, full in results:
+            height, width = f.gray.shape
+            tracks = self.tracker.finish(f.msg.session, found, detected=full)
+            f.faces = [_Face(track=t, box=t.int_box(width, height), landmarks=t.landmarks, score=t.score,
+                             quality=0.0) for t in tracks]
 
     def classify(self, crops: list[np.ndarray]) -> np.ndarray:
         """Emotion probabilities ``[N, 7]`` for 64x64 uint8 crops, in forward passes of at
@@ -139,8 +169,8 @@ class VisionStage(Stage):
                 parts.append(self.model(x).float().cpu().numpy())
         return np.concatenate(parts)
 
-    def _frame_of(self, msg: Message) -> tuple[torch.Tensor, np.ndarray] | None:
-        """(original tensor, H x W x C uint8 array) or None after reporting why not."""
+    def _frame_of(self, msg: Message) -> _Frame | None:
+        """The frame as RGB and gray uint8 arrays, or None after reporting why not."""
         if not msg.tensors:
             return self.reject(msg, "vision_bad_frame", "frame message carries no tensor")
         tensor = msg.tensors[0]
@@ -152,10 +182,29 @@ class VisionStage(Stage):
         if len(shape) != 3 or shape[2] not in (1, 3, 4) or shape[0] < 1 or shape[1] < 1:
             return self.reject(msg, "vision_bad_frame",
                                f"frame must be H x W x 1/3/4 with H, W >= 1, got shape {tuple(tensor.shape)}")
-        array = np.ascontiguousarray(tensor.detach().cpu().numpy().reshape(shape)[..., :3])
-        return tensor, array
+        array = tensor.detach().cpu().numpy().reshape(shape)
+        if shape[2] == 1:
+            gray = np.ascontiguousarray(array[..., 0])
+            rgb = np.repeat(array, 3, axis=2)
+        else:
+            rgb = np.ascontiguousarray(array[..., :3])
+            gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        return _Frame(msg=msg, tensor=tensor, rgb=rgb, gray=gray, faces=[])
 
     def teardown(self) -> None:
         self.tracker.clear()
         self.model = None
         self.detector = None
+
+
+def _waves(frames: list[_Frame]) -> list[list[_Frame]]:
+    """Split a batch into waves holding at most one frame per session, in order."""
+    waves: list[list[_Frame]] = []
+    seen: dict[str, int] = {}
+    for f in frames:
+        index = seen.get(f.msg.session, 0)
+        seen[f.msg.session] = index + 1
+        if index == len(waves):
+            waves.append([])
+        waves[index].append(f)
+    return waves

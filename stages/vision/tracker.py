@@ -1,17 +1,24 @@
-"""Per-session face tracks between detections, with stable face ids and bounded memory.
+"""Per-session face tracks that are re-confirmed on every frame, with stable face ids.
 
-The Haar cascade is the expensive part of the vision stage, so it runs on every
-``detect_every``-th frame of a session (sooner while the session has no tracks); in
-between, each track's box is carried forward by its recent velocity. A detection frame
-matches new boxes to tracks greedily by IoU (highest overlap first), smooths matched
-boxes (an exponential moving average, so the Haar box's frame-to-frame jitter does not
-shake the portrait), starts tracks for unmatched boxes and drops tracks that went
-unmatched for more than ``max_misses`` detections in a row.
+A full detection (MTCNN's whole cascade) is the expensive step, so it runs on every
+``detect_every``-th frame of a session, or sooner when anything is uncertain. On the
+frames in between the tracker does not *assume* the faces are still there: it asks the
+detector's last network to verify each track's predicted box (``MTCNN.verify``), which
+either returns the refined box and landmarks or says the face is gone. So:
+
+* a reported face was seen in *this* frame, by a detection or a verification; a track
+  whose verification fails is hidden at once and forces a full detection on the next
+  frame; after ``max_misses`` failures in a row it is dropped for good (the id is kept
+  meanwhile, so a face that blinks out for a frame comes back under the same id);
+* a scene cut (``scene_cut.is_cut``) drops every track of the session and forces a
+  detection, so no box of the old scene is reported on the new one;
+* emotions are smoothed per track (an EMA of the class probabilities), so the label the
+  page shows is the face's mood over the last frames, not one frame's guess, and a new
+  track never inherits another face's history.
 
 One vision rank serves many browser sessions, so the state lives per session and is
 forgotten when a session stops sending: sessions idle longer than ``session_idle_s``
-are evicted, and at most ``max_sessions`` are kept (least recently seen evicted first),
-so memory stays bounded even when sessions vanish without saying goodbye.
+are evicted, and at most ``max_sessions`` are kept (least recently seen evicted first).
 """
 
 from __future__ import annotations
@@ -19,15 +26,29 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
 
 from stages.vision.face_crops import Box
+from stages.vision.scene_cut import is_cut
+
+FloatBox = tuple[float, float, float, float]
+"""(x, y, w, h) in input pixels, floats (no rounding drift between frames)."""
 
 VELOCITY_DAMPING = 0.8
-"""Per-frame decay of a track's predicted motion, so a lost face does not drift away."""
+"""Per-frame decay of a track's predicted motion, so an unconfirmed face does not drift."""
 
 
-def iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+class Observation(Protocol):
+    """What a detection or a verification reports for one face (``FaceDetection``)."""
+
+    box: FloatBox
+    score: float
+    landmarks: tuple[tuple[float, float], ...]
+
+
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
     """Intersection over union of two (x, y, w, h) boxes; 0 when either is empty."""
     ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
@@ -39,20 +60,21 @@ def iou(a: tuple[float, float, float, float], b: tuple[float, float, float, floa
 @dataclass(slots=True)
 class Track:
     face_id: int
-    box: tuple[float, float, float, float]
-    """Smoothed (x, y, w, h) in input pixels, kept as floats to avoid rounding drift."""
+    box: FloatBox
+    landmarks: tuple[tuple[float, float], ...] = ()
+    score: float = 0.0
+    """Detector confidence of the last confirmation."""
     velocity: tuple[float, float] = (0.0, 0.0)
-    """Centre motion in pixels per frame, estimated from the last two matches."""
+    """Centre motion in pixels per frame, from the last confirmations."""
     misses: int = 0
-    """Detections in a row that did not match this track."""
-    frames_since_match: int = 0
+    """Frames in a row this track was not confirmed; 0 = seen in the current frame."""
+    emotion: np.ndarray | None = None
+    """Smoothed emotion probabilities (None until the first reading)."""
 
-    def visible_fraction(self, width: int, height: int) -> float:
-        """How much of the box lies inside a ``width`` x ``height`` frame (0..1)."""
-        x, y, w, h = self.box
-        inside_w = max(0.0, min(x + w, width) - max(x, 0.0))
-        inside_h = max(0.0, min(y + h, height) - max(y, 0.0))
-        return inside_w * inside_h / (w * h) if w > 0 and h > 0 else 0.0
+    @property
+    def confirmed(self) -> bool:
+        """Seen in the current frame (only confirmed tracks are reported)."""
+        return self.misses == 0
 
     def int_box(self, width: int, height: int) -> Box:
         """The box rounded and clipped to a ``width`` x ``height`` frame (at least 1x1)."""
@@ -63,6 +85,22 @@ class Track:
         y1 = max(min(height, int(round(y + h))), y0 + 1)
         return x0, y0, x1 - x0, y1 - y0
 
+    def observe_emotion(self, probs: np.ndarray, keep: float) -> np.ndarray:
+        """Blend one reading into the smoothed probabilities (``keep`` of the old ones)."""
+        probs = np.asarray(probs, dtype=np.float64)
+        self.emotion = probs.copy() if self.emotion is None else keep * self.emotion + (1.0 - keep) * probs
+        return self.emotion
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What a frame needs: a full detection, or verifying ``boxes`` (in track order)."""
+
+    detect: bool
+    boxes: list[FloatBox]
+    cut: bool
+    """The frame started a new scene: every track of the session was dropped."""
+
 
 @dataclass(slots=True)
 class SessionTracks:
@@ -72,18 +110,28 @@ class SessionTracks:
     frames_since_detect: int = 0
     next_id: int = 1
     last_seen: float = 0.0
+    thumbnail: np.ndarray | None = None
+    """The last frame's scene-cut thumbnail (``scene_cut.thumbnail``)."""
+    pending: bool = False
+    """A frame was begun and not yet finished (its detection or verification is out)."""
 
 
 class FaceTracker:
-    """Decides when to detect and keeps face tracks for each session."""
+    """Decides, per frame of a session, between a full detection and a verification,
+    and keeps that session's face tracks.
+
+    A frame is ``begin``-ed (which says what to run) and then ``finish``-ed with what ran.
+    """
 
     def __init__(self, *, detect_every: int, iou_match: float, max_misses: int, box_smoothing: float,
-                 max_faces: int, session_idle_s: float, max_sessions: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 emotion_smoothing: float, cut_threshold: float, max_faces: int, session_idle_s: float,
+                 max_sessions: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.detect_every = detect_every
+        self.cut_threshold = cut_threshold
         self.iou_match = iou_match
         self.max_misses = max_misses
         self.box_smoothing = box_smoothing
+        self.emotion_smoothing = emotion_smoothing
         self.max_faces = max_faces
         self.session_idle_s = session_idle_s
         self.max_sessions = max_sessions
@@ -102,17 +150,9 @@ class FaceTracker:
     def clear(self) -> None:
         self._sessions.clear()
 
-    def needs_detection(self, session: str, frame_size: tuple[int, int]) -> bool:
-        """Whether this session's next frame should run the detector."""
-        state = self._sessions.get(session)
-        return (state is None or state.frame_size != frame_size or not state.tracks
-                or state.frames_since_detect >= self.detect_every)
-
-    def update(self, session: str, frame_size: tuple[int, int], detections: list[Box] | None) -> list[Track]:
-        """Advance ``session`` by one frame; ``detections`` is None on a tracked frame.
-
-        Returns the session's live tracks, largest first, at most ``max_faces``.
-        """
+    def begin(self, session: str, frame_size: tuple[int, int], thumbnail: np.ndarray | None = None) -> Step:
+        """Start a frame of ``session``: what to run on it. ``thumbnail`` (``scene_cut.thumbnail``
+        of the frame) lets a scene cut drop every track before anything else happens."""
         now = self._clock()
         self._evict_idle(now)
         state = self._sessions.get(session)
@@ -124,68 +164,98 @@ class FaceTracker:
         state.last_seen = now
         while len(self._sessions) > self.max_sessions:
             self._sessions.popitem(last=False)
+        cut = False
+        if thumbnail is not None:
+            cut = bool(state.tracks) and is_cut(state.thumbnail, thumbnail, self.cut_threshold)
+            state.thumbnail = thumbnail
+        if cut:
+            state.tracks = []
+        state.pending = True
+        self._predict(state)
+        if (not state.tracks or state.frames_since_detect >= self.detect_every
+                or any(not t.confirmed for t in state.tracks)):
+            return Step(detect=True, boxes=[], cut=cut)
+        return Step(detect=False, boxes=[t.box for t in state.tracks], cut=cut)
 
-        if detections is None:
-            self._predict(state)
-            state.frames_since_detect += 1
-        else:
-            largest = sorted(detections, key=lambda d: d[2] * d[3], reverse=True)
-            self._match(state, largest[: self.max_faces])
+    def finish(self, session: str, observations: Sequence[Observation | None], *, detected: bool) -> list[Track]:
+        """End the frame begun for ``session`` with what the detector said.
+
+        ``detected``: ``observations`` are a full detection's faces (any order); else they
+        are the verification results, one per box of the ``Step`` (None: not a face).
+        Returns the faces to report: confirmed tracks, largest first, at most ``max_faces``.
+        """
+        state = self._sessions.get(session)
+        if state is None or not state.pending:
+            return []  # evicted (or never begun) while its detection ran: nothing to report
+        state.pending = False
+        if detected:
+            self._match(state, [o for o in observations if o is not None])
             state.frames_since_detect = 1
+        else:
+            if len(observations) != len(state.tracks):
+                raise ValueError(f"{len(observations)} verification results for {len(state.tracks)} tracks")
+            for track, seen in zip(state.tracks, observations):
+                if seen is None:
+                    track.misses += 1
+                else:
+                    self._absorb(track, seen)
+            state.frames_since_detect += 1
+        state.tracks = [t for t in state.tracks if t.misses <= self.max_misses]
         state.tracks.sort(key=lambda t: t.box[2] * t.box[3], reverse=True)
-        return state.tracks[: self.max_faces]
+        return [t for t in state.tracks if t.confirmed][: self.max_faces]
 
     def _predict(self, state: SessionTracks) -> None:
         for track in state.tracks:
             vx, vy = track.velocity
             x, y, w, h = track.box
             track.box = (x + vx, y + vy, w, h)
+            track.landmarks = tuple((px + vx, py + vy) for px, py in track.landmarks)
             track.velocity = (vx * VELOCITY_DAMPING, vy * VELOCITY_DAMPING)
-            track.frames_since_match += 1
 
-    def _match(self, state: SessionTracks, detections: list[Box]) -> None:
-        self._predict(state)  # compare detections with where tracks should be now
-        pairs = sorted(((iou(t.box, d), ti, di) for ti, t in enumerate(state.tracks)
-                        for di, d in enumerate(detections)), reverse=True)
+    def _match(self, state: SessionTracks, found: list[Observation]) -> None:
+        """Greedy IoU matching of a full detection against the (predicted) tracks."""
+        found = sorted(found, key=lambda o: o.box[2] * o.box[3], reverse=True)[: self.max_faces]
+        pairs = sorted(((iou(t.box, o.box), ti, oi) for ti, t in enumerate(state.tracks)
+                        for oi, o in enumerate(found)), reverse=True)
         matched_tracks: set[int] = set()
-        matched_dets: set[int] = set()
-        for overlap, ti, di in pairs:
+        matched_found: set[int] = set()
+        for overlap, ti, oi in pairs:
             if overlap < self.iou_match:
                 break
-            if ti in matched_tracks or di in matched_dets:
+            if ti in matched_tracks or oi in matched_found:
                 continue
             matched_tracks.add(ti)
-            matched_dets.add(di)
-            self._absorb(state.tracks[ti], detections[di])
-
-        survivors = []
+            matched_found.add(oi)
+            self._absorb(state.tracks[ti], found[oi])
         for ti, track in enumerate(state.tracks):
             if ti not in matched_tracks:
                 track.misses += 1
-                if track.misses > self.max_misses:
-                    continue
-            survivors.append(track)
-        for di, det in enumerate(detections):
-            if di not in matched_dets:
-                survivors.append(Track(face_id=state.next_id, box=tuple(map(float, det))))
+        for oi, seen in enumerate(found):
+            if oi not in matched_found:
+                state.tracks.append(Track(face_id=state.next_id, box=tuple(map(float, seen.box)),
+                                          landmarks=tuple(seen.landmarks), score=float(seen.score)))
                 state.next_id += 1
-        survivors.sort(key=lambda t: t.box[2] * t.box[3], reverse=True)
-        state.tracks = survivors[: self.max_faces]
 
-    def _absorb(self, track: Track, det: Box) -> None:
-        """Blend a matched detection into ``track`` (an alpha-beta filter on the centre)."""
+    def _absorb(self, track: Track, seen: Observation) -> None:
+        """Blend a confirmation into ``track``: an alpha-beta filter on the box centre.
+
+        The landmarks are not smoothed: they come with the box of the same network pass,
+        and smoothing only one of the two would let them slide apart."""
         gain = 1.0 - self.box_smoothing
         predicted = track.box
-        track.box = tuple(p + gain * (float(d) - p) for p, d in zip(predicted, det))
-        # The residual against the prediction corrects the velocity, spread over the
-        # frames since the last match; half the box gain keeps the motion estimate calm.
-        frames = max(track.frames_since_match, 1)
-        rx = (det[0] + det[2] / 2) - (predicted[0] + predicted[2] / 2)
-        ry = (det[1] + det[3] / 2) - (predicted[1] + predicted[3] / 2)
+        box = tuple(map(float, seen.box))
+        track.box = tuple(p + gain * (s - p) for p, s in zip(predicted, box))
+        shift = (track.box[0] - box[0] + (track.box[2] - box[2]) / 2,
+                 track.box[1] - box[1] + (track.box[3] - box[3]) / 2)
+        track.landmarks = tuple((x + shift[0], y + shift[1]) for x, y in seen.landmarks)
+        # The residual against the prediction corrects the velocity; half the box gain
+        # keeps the motion estimate calm.
+        rx = (box[0] + box[2] / 2) - (predicted[0] + predicted[2] / 2)
+        ry = (box[1] + box[3] / 2) - (predicted[1] + predicted[3] / 2)
         vx, vy = track.velocity
-        track.velocity = (vx + 0.5 * gain * rx / frames, vy + 0.5 * gain * ry / frames)
+        track.velocity = (vx + 0.5 * gain * rx, vy + 0.5 * gain * ry)
+        track.score = float(seen.score)
         track.misses = 0
-        track.frames_since_match = 0
 
     def _evict_idle(self, now: float) -> None:
         # Sessions are kept in last-seen order, so the idle ones are at the front.

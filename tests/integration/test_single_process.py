@@ -129,3 +129,30 @@ def test_a_session_that_left_leaves_no_state_behind(runtime):
     front = runtime.pieces.front
     assert front.aggregator.stats()["sessions"] == {}
     assert front.inbox.dropped == {} and front.sink._last_frame == {}
+
+
+def test_a_scene_cut_leaves_no_box_of_the_old_scene(runtime):
+    """Astronaut frames, then a cut to the six-person group photo: from the first frame of
+    the new scene on, every box sits on one of its faces and none keeps an old face id."""
+    group = json.loads((FIXTURE.parent / "group6_faces.json").read_text())["faces"]
+    group_jpeg = (FIXTURE.parent / "group6_640x480.jpg").read_bytes()
+
+    async def scenario():
+        async with MirrorClient(runtime.pieces.front.server.port) as client:
+            await client.stream(8, fps=10)
+            assert await client.wait_for(lambda g: g.outputs and g.outputs[-1].frame_id == 7)
+            await client.stream(8, fps=10, jpeg=group_jpeg, first_id=8)
+            assert await client.wait_for(lambda g: g.outputs and g.outputs[-1].frame_id == 15)
+            return client.got
+
+    got = asyncio.run(scenario())
+    visions = {v["frame_id"]: v for v in got.of_type("vision")}
+    before = {face["face_id"] for i, v in visions.items() if i < 8 for face in v["faces"]}
+    assert before, "the astronaut was never found"
+    after = [v for i, v in sorted(visions.items()) if i >= 8]
+    assert after, "no frame of the new scene came back"
+    for v in after:
+        for face in v["faces"]:
+            assert face["face_id"] not in before, (v["frame_id"], face)
+            assert max(iou(face["bbox"], g["box"]) for g in group) > 0.3, (v["frame_id"], face["bbox"])
+    assert max(len(v["faces"]) for v in after) >= 5

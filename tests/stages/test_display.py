@@ -38,7 +38,9 @@ def portrait(size: int = 96) -> torch.Tensor:
 
 
 def portrait_msg(tensor: torch.Tensor, frame_id: int = 11, faces=FACES) -> Message:
-    meta = {"faces": faces, "style": {"name": "pop/happy"}} if faces is not None else {}
+    style = {"generator": "stylenet", "name": "auto/happy", "emotion": "happy", "confidence": 0.8, "face_id": 3,
+             "crop": [0, 0, 90, 90], "angle": 0.0}
+    meta = {"faces": faces, "style": style} if faces is not None else {}
     return Message(kind=Kind.DATA, session="s1", frame_id=frame_id, revision=4, capture_ts=55.0,
                    meta=meta, tensors=[tensor])
 
@@ -55,8 +57,10 @@ def test_emits_decodable_jpeg_and_page_payload():
     assert bgr.shape == (96, 96, 3)
     # Colours survive the trip (RGB in, RGB meaning out): mean error of a smooth gradient.
     assert np.abs(bgr[:, :, ::-1].astype(int) - image.numpy().astype(int)).mean() < 3
-    assert out.meta["vision"] == {"frame_id": 11, "faces": FACES}
-    assert out.meta["style"] == {"name": "pop/happy"}
+    # The page learns which face the portrait follows, and what made the portrait.
+    assert out.meta["vision"] == {"frame_id": 11, "faces": [{**FACES[0], "primary": True}], "generator": "stylenet",
+                                  "style": {"name": "auto/happy", "emotion": "happy", "confidence": 0.8}}
+    assert out.meta["style"]["generator"] == "stylenet"
     assert [name for name, _ in out.trace] == ["display.start", "display.end"]
     assert events == []
 
@@ -71,8 +75,10 @@ def test_boxes_go_back_to_the_pixels_of_the_frame_the_browser_sent():
     stage, _ = make_stage()
     msg = portrait_msg(portrait())
     msg.meta.update(width=1280, height=720, scaled_from=[1920, 1080])  # ingest shrank it
+    msg.meta["faces"] = [{**FACES[0], "landmarks": [[20, 30], [30, 30], [25, 36], [21, 42], [29, 42]]}]
     (out,) = stage.process([msg])
     assert out.meta["vision"]["faces"][0]["bbox"] == [15, 30, 45, 45]
+    assert out.meta["vision"]["faces"][0]["landmarks"][0] == [30.0, 45.0]
     assert out.meta["faces"][0]["bbox"] == [10, 20, 30, 30]  # the decoded frame's own boxes stay
 
 

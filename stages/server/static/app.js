@@ -1,24 +1,35 @@
-// Mind Mirror page: camera out, portraits and face boxes in, live config and stats.
+// Mind Mirror page: camera out, portraits and face boxes in, live settings, latency and stats.
 //
 // One WebSocket to /ws on this page's origin carries everything (protocol: wire.js).
 // Reconnects with exponential backoff; the camera keeps running meanwhile and simply
-// sends nothing while there is no socket.
+// sends nothing while there is no socket. `window.mindMirror.snapshot()` returns the
+// page's own figures (tests/stages/server/browser_check.py reads them).
 
 import { Capture } from "./capture.js";
+import { LatencyChart } from "./latency_chart.js";
 import { FpsMeter, RollingPercentiles } from "./meters.js";
-import { format, renderStats } from "./stats_view.js";
+import { drawFaces } from "./overlay.js";
+import { Portrait } from "./portrait.js";
+import { SettingsForm } from "./settings_form.js";
+import { renderStats } from "./stats_view.js";
 import { Kind, decodeFrame, message, nowMs } from "./wire.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
-  connection: $("connection"), fps: $("fps"), p50: $("latency-p50"), p95: $("latency-p95"),
+  connection: $("connection"), fps: $("fps"), p50: $("latency-p50"), p90: $("latency-p90"),
   inFlight: $("in-flight"), camera: $("camera"), overlay: $("overlay"), cameraSize: $("camera-size"),
-  portrait: $("portrait"), portraitInfo: $("portrait-info"), revision: $("revision"),
-  form: $("config-form"), presets: $("presets"), stats: $("stats"), messages: $("messages"),
+  faceCount: $("face-count"), portrait: $("portrait"), portraitInfo: $("portrait-info"),
+  maker: $("maker"), generator: $("generator"), styleName: $("style-name"), styleEmotion: $("style-emotion"),
+  g2g: { p50: $("g2g-p50"), p90: $("g2g-p90"), p99: $("g2g-p99"), count: $("g2g-count"),
+    encode: $("g2g-encode"), server: $("g2g-server"), paint: $("g2g-paint") },
+  histogram: $("latency-histogram"), latencyWindow: $("latency-window"),
+  revision: $("revision"), form: $("config-form"), presets: $("presets"), sessionCount: $("session-count"),
+  stats: $("stats"), messages: $("messages"),
 };
 
 const MAX_BUFFERED_BYTES = 1 << 20;  // past this the socket is backed up: skip frames
 const MAX_MESSAGES = 12;
+const LATENCY_WINDOW = 200;          // frames in the histogram and percentiles
 const BACKOFF_MS = { first: 500, max: 8000 };
 const CLOSE_REASONS = {
   1001: "server going away", 1006: "server unreachable", 1009: "message too big",
@@ -26,17 +37,33 @@ const CLOSE_REASONS = {
 };
 
 const fps = new FpsMeter();
-const latency = new RollingPercentiles(120);
+const latency = new RollingPercentiles(LATENCY_WINDOW);
+// Where the glass-to-glass time goes, per frame: capture + JPEG encode + send in this
+// page, the server's round trip (socket, every rank, back), decode + wait for paint.
+const split = {
+  encode: new RollingPercentiles(LATENCY_WINDOW),
+  server: new RollingPercentiles(LATENCY_WINDOW),
+  paint: new RollingPercentiles(LATENCY_WINDOW),
+};
+const chart = new LatencyChart(ui.histogram);
+let painted = 0;                     // frames painted since the meters were last reset
+let paintedSince = performance.now();
 let socket = null;
 let reconnectAttempt = 0;
-let lastVision = null;
-let lastRevision = null;  // live config revision last shown
+let lastVision = null;               // newest `vision` message: the camera's face boxes
+let lastLabels = [];
+let shownVision = null;              // the `vision` of the portrait on screen
+const visions = new Map();           // frame id -> its `vision`, until the frame is painted
+let lastRevision = null;             // live config revision last shown
 
 const capture = new Capture(ui.camera, (data) => {
   if (!socket || socket.readyState !== WebSocket.OPEN || socket.bufferedAmount > MAX_BUFFERED_BYTES) return false;
   socket.send(data);
   return true;
 });
+const settings = new SettingsForm(ui, send);
+const portrait = new Portrait(ui.portrait, onPainted,
+  (frame, e) => note("error", `portrait #${frame.frameId} did not decode: ${e.message}`));
 
 // --- connection --------------------------------------------------------------------
 
@@ -52,7 +79,8 @@ function connect() {
   socket.onclose = (event) => {
     capture.reset();
     lastVision = null;
-    drawFaces();
+    visions.clear();
+    redrawFaces();
     const delay = Math.min(BACKOFF_MS.max, BACKOFF_MS.first * 2 ** reconnectAttempt) * (0.75 + Math.random() / 2);
     reconnectAttempt += 1;
     setConnection(`reconnecting in ${(delay / 1000).toFixed(1)} s`, "down");
@@ -82,14 +110,18 @@ function onText({ type, payload }) {
       // answered, so stop waiting for them instead of stalling capture until they expire.
       if (payload.revision !== lastRevision) capture.reset();
       lastRevision = payload.revision;
-      showConfig(payload);
+      settings.show(payload);
+      capture.configure(payload.config ?? {});
       break;
     case "vision":
       lastVision = payload;
-      drawFaces();
+      visions.set(payload.frame_id, payload);
+      while (visions.size > 32) visions.delete(visions.keys().next().value);
+      redrawFaces();
       break;
     case "stats":
       renderStats(ui.stats, payload);
+      showSessions(payload.server?.sessions);
       break;
     case "error":
       note("error", `${payload.code}: ${payload.message}`);
@@ -108,127 +140,51 @@ function onBinary(buffer) {
     return;
   }
   if (frame.kind !== Kind.OUTPUT_FRAME) return;
+  frame.receivedTs = nowMs();
   capture.ack(frame.frameId);
-  showPortrait(frame);
+  portrait.show(frame);
 }
 
-// Decoding is asynchronous; while one frame decodes only the newest arrival waits, so a
-// slow decode skips frames instead of lagging further and further behind.
-let decoding = false;
-let waiting = null;
-
-async function showPortrait(frame) {
-  if (decoding) { waiting = frame; return; }
-  decoding = true;
-  try {
-    const bitmap = await createImageBitmap(new Blob([frame.payload], { type: "image/jpeg" }));
-    const canvas = ui.portrait;
-    if (canvas.width !== bitmap.width || canvas.height !== bitmap.height) {
-      canvas.width = bitmap.width;
-      canvas.height = bitmap.height;
-    }
-    canvas.getContext("2d").drawImage(bitmap, 0, 0);
-    bitmap.close();
-    latency.add(nowMs() - frame.clientTs);  // same clock that stamped the camera frame
-    fps.tick();
-    ui.portraitInfo.textContent = `${canvas.width}×${canvas.height} · #${frame.frameId}`;
-  } catch (e) {
-    note("error", `portrait #${frame.frameId} did not decode: ${e.message}`);
-  } finally {
-    decoding = false;
-    if (waiting) { const next = waiting; waiting = null; showPortrait(next); }
+function onPainted(frame) {
+  const paintedTs = nowMs();
+  latency.add(paintedTs - frame.clientTs);  // same clock that stamped the camera frame
+  const sent = capture.sent.get(frame.frameId);
+  if (sent && sent.clientTs === frame.clientTs) {
+    split.encode.add(sent.sentTs - sent.clientTs);
+    split.server.add(frame.receivedTs - sent.sentTs);
+    split.paint.add(paintedTs - frame.receivedTs);
   }
+  fps.tick();
+  painted += 1;
+  ui.portraitInfo.textContent = `${ui.portrait.width}×${ui.portrait.height} · #${frame.frameId}`;
+  const vision = visions.get(frame.frameId) ?? lastVision;
+  for (const id of visions.keys()) if (id <= frame.frameId) visions.delete(id);
+  showMaker(vision);
+}
+
+// --- what made the portrait --------------------------------------------------------
+
+function showMaker(vision) {
+  shownVision = vision;
+  const generator = typeof vision?.generator === "string" ? vision.generator : null;
+  const style = vision?.style && typeof vision.style === "object" ? vision.style : null;
+  ui.maker.hidden = !generator && !style;  // older servers send neither
+  ui.generator.textContent = generator ?? "–";
+  ui.styleName.textContent = typeof style?.name === "string" ? style.name : "–";
+  const confidence = Number.isFinite(style?.confidence) ? ` ${Math.round(style.confidence * 100)}%` : "";
+  ui.styleEmotion.textContent = typeof style?.emotion === "string" ? `${style.emotion}${confidence}` : "";
 }
 
 // --- face boxes --------------------------------------------------------------------
 
-function drawFaces() {
-  const video = ui.camera;
-  const canvas = ui.overlay;
-  const box = video.getBoundingClientRect();
-  const dpr = window.devicePixelRatio || 1;
-  if (canvas.width !== Math.round(box.width * dpr) || canvas.height !== Math.round(box.height * dpr)) {
-    canvas.width = Math.round(box.width * dpr);
-    canvas.height = Math.round(box.height * dpr);
-  }
-  const ctx = canvas.getContext("2d");
-  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-  ctx.clearRect(0, 0, box.width, box.height);
-  if (!lastVision || !video.videoWidth) return;
-
-  // The video is letterboxed (object-fit: contain) and mirrored like a mirror; boxes are
-  // in the pixels of the JPEG that was sent, which spans the whole video frame.
-  const scale = Math.min(box.width / video.videoWidth, box.height / video.videoHeight);
-  const shownW = video.videoWidth * scale;
-  const shownH = video.videoHeight * scale;
-  const left = (box.width - shownW) / 2;
-  const top = (box.height - shownH) / 2;
-  const input = capture.sizeOf(lastVision.frame_id);
-  const k = shownW / input.width;
-
-  ctx.lineWidth = 2;
-  ctx.font = "600 13px system-ui, sans-serif";
-  for (const face of lastVision.faces ?? []) {
-    const [x, y, w, h] = face.bbox;
-    const bx = left + shownW - (x + w) * k;  // mirrored
-    const by = top + y * k;
-    ctx.strokeStyle = "#4ade80";
-    ctx.strokeRect(bx, by, w * k, h * k);
-    const probs = face.emotion_probs ?? {};
-    const confidence = probs[face.emotion] ?? Math.max(0, ...Object.values(probs));
-    const label = `${face.emotion ?? "?"} ${Math.round(confidence * 100)}%`;
-    const width = ctx.measureText(label).width + 10;
-    ctx.fillStyle = "rgba(0, 0, 0, 0.65)";
-    ctx.fillRect(bx, Math.max(0, by - 20), width, 20);
-    ctx.fillStyle = "#f8fafc";
-    ctx.fillText(label, bx + 5, Math.max(14, by - 6));
-  }
+function redrawFaces() {
+  const faces = lastVision?.faces ?? [];
+  const input = lastVision ? capture.sizeOf(lastVision.frame_id) : null;
+  lastLabels = drawFaces(ui.overlay, ui.camera, faces, input);
+  ui.faceCount.textContent = lastVision ? `· ${faces.length} face${faces.length === 1 ? "" : "s"}` : "";
 }
 
-// --- live config -------------------------------------------------------------------
-
-let presetNames = "";
-
-function showConfig(current) {
-  const config = current.config ?? {};
-  ui.revision.textContent = `rev ${current.revision}`;
-  const select = ui.form.elements.style;
-  const styles = current.styles ?? [config.style];
-  if (select.options.length !== styles.length) {
-    select.replaceChildren(...styles.map((s) => new Option(s, s)));
-  }
-  for (const [name, value] of Object.entries(config)) {
-    const input = ui.form.elements[name];
-    if (!input) continue;
-    if (document.activeElement !== input) input.value = value;  // never yank a slider mid-drag
-    showValue(name, input.value);
-  }
-  const names = (current.presets ?? []).join("\n");
-  if (names !== presetNames) {
-    presetNames = names;
-    ui.presets.replaceChildren(...(current.presets ?? []).map((name) => {
-      const button = document.createElement("button");
-      button.type = "button";
-      button.textContent = name;
-      button.onclick = () => send("preset.apply", { name });
-      return button;
-    }));
-  }
-  capture.configure(config);
-}
-
-function showValue(name, value) {
-  const output = ui.form.querySelector(`output[data-for="${name}"]`);
-  if (output) output.textContent = format(Number(value));
-}
-
-ui.form.addEventListener("input", (e) => showValue(e.target.name, e.target.value));
-ui.form.addEventListener("change", (e) => {
-  const { name, value } = e.target;
-  send("config.update", { [name]: name === "style" ? value : Number(value) });
-});
-
-// --- messages and meters -----------------------------------------------------------
+// --- messages, meters, sessions ----------------------------------------------------
 
 function note(level, text) {
   const first = ui.messages.firstElementChild;
@@ -241,21 +197,71 @@ function note(level, text) {
   item.className = level;
   item.dataset.text = text;
   item.dataset.count = "1";
-  item.append(`${new Date().toLocaleTimeString()} ${text}`, document.createElement("span"));
+  const time = document.createElement("time");
+  time.textContent = new Date().toLocaleTimeString();
+  item.append(time, ` ${text}`, document.createElement("span"));
   ui.messages.prepend(item);
   while (ui.messages.children.length > MAX_MESSAGES) ui.messages.lastElementChild.remove();
 }
 
+function showSessions(n) {
+  ui.sessionCount.textContent = Number.isInteger(n)
+    ? ` ${n === 1 ? "1 session is" : `${n} sessions are`} connected now.` : "";
+}
+
+function g2g() {
+  return { p50: latency.percentile(50), p90: latency.percentile(90), p99: latency.percentile(99),
+    count: latency.samples.length };
+}
+
+/** p50 of each part of the glass-to-glass time (ms). */
+function splitP50() {
+  return { encode_send: split.encode.percentile(50), server_round_trip: split.server.percentile(50),
+    decode_paint: split.paint.percentile(50) };
+}
+
+/** Milliseconds with steady decimals (24.0, not 24), or a dash when there are none yet. */
+function ms(v) {
+  return Number.isFinite(v) ? v.toFixed(v < 100 ? 1 : 0) : "–";
+}
+
 function refreshMeters() {
+  const g = g2g();
   ui.fps.textContent = fps.value();
-  ui.p50.textContent = format(latency.percentile(50));
-  ui.p95.textContent = format(latency.percentile(95));
+  ui.p50.textContent = ms(g.p50);
+  ui.p90.textContent = ms(g.p90);
+  ui.g2g.p50.textContent = ms(g.p50);
+  ui.g2g.p90.textContent = ms(g.p90);
+  ui.g2g.p99.textContent = ms(g.p99);
+  ui.g2g.count.textContent = String(g.count);
+  const parts = splitP50();
+  ui.g2g.encode.textContent = ms(parts.encode_send);
+  ui.g2g.server.textContent = ms(parts.server_round_trip);
+  ui.g2g.paint.textContent = ms(parts.decode_paint);
+  chart.update(latency.samples, [g.p50, g.p90]);
   ui.inFlight.textContent = capture.inFlight.size;
   const v = ui.camera;
   ui.cameraSize.textContent = v.videoWidth ? `${v.videoWidth}×${v.videoHeight}` : "";
 }
 
+window.mindMirror = Object.freeze({
+  /** The page's own figures: painted frames, FPS, glass-to-glass (ms), histogram, labels. */
+  snapshot: () => ({
+    connection: ui.connection.textContent, painted, seconds: (performance.now() - paintedSince) / 1000,
+    fps: fps.value(), g2g: g2g(), split_p50_ms: splitP50(), histogram: { ...chart.last }, generator: shownVision?.generator ?? null,
+    style: shownVision?.style ?? null, faces: lastVision?.faces?.length ?? 0, labels: lastLabels,
+  }),
+  /** Forget latency samples and painted frames, e.g. after a warm-up. */
+  resetMeters: () => {
+    latency.clear();
+    for (const part of Object.values(split)) part.clear();
+    painted = 0;
+    paintedSince = performance.now();
+  },
+});
+
+ui.latencyWindow.textContent = String(LATENCY_WINDOW);
 setInterval(refreshMeters, 250);
-window.addEventListener("resize", drawFaces);
+window.addEventListener("resize", redrawFaces);
 capture.start().catch((e) => note("error", `camera unavailable: ${e.message}`));
 connect();

@@ -23,6 +23,7 @@ export class Capture {
     this.nextFrameId = 1;
     this.inFlight = new Map();       // frame id -> send time (ms)
     this.sizes = new Map();          // frame id -> {width, height} of the JPEG sent
+    this.sent = new Map();           // frame id -> {clientTs, sentTs} (wire clock, ms): the latency split
     this.canvas = document.createElement("canvas");
     this.encoding = false;
     this.timer = null;
@@ -97,6 +98,8 @@ export class Capture {
         this.inFlight.set(frameId, performance.now());
         this.sizes.set(frameId, { width, height });
         if (this.sizes.size > 128) this.sizes.delete(this.sizes.keys().next().value);
+        this.sent.set(frameId, { clientTs, sentTs: nowMs() });
+        if (this.sent.size > 128) this.sent.delete(this.sent.keys().next().value);
       } finally {
         this.encoding = false;
       }

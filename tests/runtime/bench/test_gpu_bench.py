@@ -11,6 +11,7 @@ import torch
 from runtime.bench import gpu
 from runtime.bench.options import BenchOptions
 from runtime.bench.progress import Progress
+from runtime.bench.stage_harness import style_weights
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -32,14 +33,26 @@ def test_without_cuda_the_section_is_skipped_at_once_and_says_why(monkeypatch, t
                               "GPU figures need a GPU host")
 
 
-def test_stage_timings_give_a_row_per_stage_and_batch_size():
-    progress = quiet_progress(len(gpu.STAGES) * len(gpu.BATCH_SIZES))
-    rows = gpu.stage_rows(torch.device("cpu"), warmup=1, timed=3, progress=progress)
-    assert [(r["what"], r["batch"]) for r in rows] == [(s, b) for s in gpu.STAGES for b in gpu.BATCH_SIZES]
+def test_stage_timings_give_a_row_per_stage_and_batch_size(tmp_path):
+    # The section's code on the CPU, with batches of 1 and 2 (8 would cost seconds per case here).
+    batches = (1, 2)
+    progress = quiet_progress(len(gpu.STAGES) * len(batches))
+    rows = gpu.stage_rows(torch.device("cpu"), warmup=1, timed=3, progress=progress,
+                          weights=style_weights(tmp_path), batch_sizes=batches)
+    assert [(r["what"], r["batch"]) for r in rows] == [(s, b) for s in gpu.STAGES for b in batches]
     for row in rows:
         assert 0 < row["p50_ms"] <= row["p95_ms"] and row["fps"] > 0 and row["size"] == f"batch {row['batch']}"
         assert math.isnan(row["peak_mib"])  # CUDA memory only
     assert progress.done == len(rows)
+    by_what = {(r["what"], r["batch"]): r for r in rows}
+    # The style net is a network of its own; the low-fi renderer a few tensor ops.
+    assert by_what[("generator, style net", 1)]["p50_ms"] > by_what[("generator, low-fi", 1)]["p50_ms"]
+
+
+def test_the_section_says_mtcnn_and_batches_of_1_and_8():
+    assert gpu.BATCH_SIZES == (1, 8)
+    assert "Haar" not in gpu.__doc__ and "MTCNN" in gpu.__doc__
+    assert {"vision stage", "MTCNN detection", "emotion model", "generator, style net"} <= set(gpu.STAGES)
 
 
 def test_link_harness_reports_receiver_seconds_per_round_and_figures():

@@ -83,13 +83,6 @@ def test_advance_phase_wraps():
     assert 0.0 <= lowfi.advance_phase(6.2, 0.1, 3.0) < 2 * math.pi
 
 
-def test_temporal_smoothing_blends():
-    current, previous = torch.zeros(3, 4, 4), torch.ones(3, 4, 4)
-    assert torch.allclose(lowfi.temporal_smooth(current, previous, 0.25), torch.full((3, 4, 4), 0.25))
-    assert lowfi.temporal_smooth(current, None, 0.5) is current
-    assert lowfi.temporal_smooth(current, torch.ones(3, 8, 8), 0.5) is current  # size changed: restart
-
-
 def test_building_blocks():
     lut = lowfi.palette_lut([(0, 0, 0), (255, 0, 0), (255, 255, 255)])
     assert lut.shape == (3, lowfi.LUT_SIZE)

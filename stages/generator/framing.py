@@ -1,0 +1,168 @@
+"""Where the portrait looks: the primary face, its landmark-aligned crop, and easing.
+
+A portrait is a square window onto the camera frame, described by a ``Framing``: its
+centre, side and rotation. This module decides that window per frame and cuts it out:
+
+* ``choose_primary`` — the face the portrait follows: the one it followed last frame as
+  long as that face is still confirmed (a second person walking in does not steal the
+  portrait), otherwise the largest confirmed face. Vision only reports faces confirmed in
+  the current frame, so a stale or false box cannot be chosen here.
+* ``face_framing`` — the window around a face from its five landmarks: rotated so the
+  eye line is level, centred between eyes and mouth (moved down by ``drop`` to show the
+  chin), sized from the inter-ocular and eye-to-mouth distances so it does not breathe
+  with the detector's box. Without landmarks, the box is used unrotated.
+* ``full_frame`` — with no face, the whole frame, letterboxed: a calm picture of the
+  scene rather than an arbitrary crop of it.
+* ``FramingEaser`` — glides from the current window to the target with a time constant
+  (exponential approach on the capture clock), so a new primary face, a face that comes
+  or goes or a jittery box never makes the portrait jump.
+* ``cut_out`` — samples the window into a ``size`` x ``size`` float image with one
+  ``grid_sample`` on the frame's device (rotation and scale in one resampling).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+EYE_WIDTHS_PER_FACE = 2.2
+"""Face width (ear to ear at eye height) in inter-ocular distances, for typical adults."""
+MOUTHS_PER_FACE = 2.6
+"""Face height (brow to chin) in eye-to-mouth distances."""
+MAX_ROTATION = math.radians(40)
+"""Larger eye-line angles are landmark errors or people lying down: not levelled."""
+
+
+@dataclass(frozen=True, slots=True)
+class Framing:
+    """A square window onto the frame: centre and side in input pixels, rotation in radians
+    (the window's x axis points along ``angle`` in the frame; positive turns clockwise on
+    screen, since image y points down)."""
+
+    cx: float
+    cy: float
+    side: float
+    angle: float = 0.0
+
+    def box(self) -> list[int]:
+        """The unrotated window as [x, y, w, h] (for reporting)."""
+        half = self.side / 2.0
+        return [round(self.cx - half), round(self.cy - half), round(self.side), round(self.side)]
+
+
+def choose_primary(faces: Sequence[dict[str, Any]], previous_id: Any,
+                   min_quality: float = 0.0) -> dict[str, Any] | None:
+    """The face to portray: ``previous_id`` while it is still among ``faces``, else the
+    largest; faces below ``min_quality`` or without a usable box never count."""
+    usable = [f for f in faces if _box_of(f) is not None and float(f.get("quality", 1.0)) >= min_quality]
+    if previous_id is not None:
+        for face in usable:
+            if face.get("face_id") == previous_id:
+                return face
+    return max(usable, key=lambda f: _box_of(f)[2] * _box_of(f)[3], default=None)
+
+
+def face_framing(face: dict[str, Any], margin: float, drop: float, width: int, height: int) -> Framing:
+    """The window around ``face`` (see the module docstring), kept inside the frame."""
+    x, y, w, h = _box_of(face)
+    points = face.get("landmarks")
+    if points and len(points) == 5:
+        (lx, ly), (rx, ry), _, (mlx, mly), (mrx, mry) = ((float(px), float(py)) for px, py in points)
+        eye = ((lx + rx) / 2.0, (ly + ry) / 2.0)
+        mouth = ((mlx + mrx) / 2.0, (mly + mry) / 2.0)
+        ocular = math.hypot(rx - lx, ry - ly)
+        eye_mouth = math.hypot(mouth[0] - eye[0], mouth[1] - eye[1])
+        size = max(EYE_WIDTHS_PER_FACE * ocular, MOUTHS_PER_FACE * eye_mouth, 1.0)
+        angle = math.atan2(ry - ly, rx - lx)
+        if abs(angle) > MAX_ROTATION:
+            angle = 0.0
+        # Down the face's own vertical axis (perpendicular to the eye line).
+        down = (-math.sin(angle), math.cos(angle))
+        cx = (eye[0] + mouth[0]) / 2.0 + down[0] * drop * size
+        cy = (eye[1] + mouth[1]) / 2.0 + down[1] * drop * size
+    else:
+        size, angle = max(w, h), 0.0
+        cx, cy = x + w / 2.0, y + h / 2.0 + drop * h
+    side = min(size * (1.0 + 2.0 * margin), float(min(width, height)))
+    half = side / 2.0
+    return Framing(cx=min(max(cx, half), width - half), cy=min(max(cy, half), height - half),
+                   side=side, angle=angle)
+
+
+def full_frame(width: int, height: int) -> Framing:
+    """The whole frame, centred in a square (letterboxed)."""
+    return Framing(cx=width / 2.0, cy=height / 2.0, side=float(max(width, height)))
+
+
+class FramingEaser:
+    """Eases a session's window toward each new target with time constant ``tau_s``."""
+
+    def __init__(self, tau_s: float) -> None:
+        self.tau_s = tau_s
+        self.current: Framing | None = None
+        self._clock: float | None = None
+
+    def step(self, target: Framing, t: float) -> Framing:
+        """The window at capture time ``t`` (seconds); the first call snaps to ``target``.
+
+        Time going backwards (reordered frames) or standing still moves nothing; a long
+        pause moves at most all the way."""
+        if self.current is None or self._clock is None or self.tau_s <= 0.0:
+            self.current, self._clock = target, t
+            return target
+        dt = max(0.0, t - self._clock)
+        self._clock = max(self._clock, t)
+        k = 1.0 - math.exp(-dt / self.tau_s)
+        c = self.current
+        self.current = Framing(cx=c.cx + k * (target.cx - c.cx), cy=c.cy + k * (target.cy - c.cy),
+                               side=c.side + k * (target.side - c.side), angle=c.angle + k * (target.angle - c.angle))
+        return self.current
+
+
+def cut_out(frame: torch.Tensor, framing: Framing, size: int) -> torch.Tensor:
+    """The window of an H x W x 3 uint8 frame as a [1, 3, size, size] float image in 0..1,
+    on the frame's device; parts outside the frame are black."""
+    height, width = int(frame.shape[0]), int(frame.shape[1])
+    # Only the window's bounding region is converted to float and resampled.
+    reach = framing.side / 2.0 * (abs(math.cos(framing.angle)) + abs(math.sin(framing.angle)))
+    x0 = max(0, int(math.floor(framing.cx - reach)))
+    y0 = max(0, int(math.floor(framing.cy - reach)))
+    x1 = min(width, int(math.ceil(framing.cx + reach)))
+    y1 = min(height, int(math.ceil(framing.cy + reach)))
+    if x1 <= x0 or y1 <= y0:
+        return torch.zeros(1, 3, size, size, device=frame.device)
+    region = frame[y0:y1, x0:x1].permute(2, 0, 1).unsqueeze(0)
+    cx, cy, side = framing.cx - x0, framing.cy - y0, framing.side
+    shrink = side / size
+    if shrink > 1.5:
+        # grid_sample does not filter: pre-shrink (antialiased) so it resamples near 1:1.
+        rw, rh = max(1, round(region.shape[3] / shrink)), max(1, round(region.shape[2] / shrink))
+        fx, fy = rw / region.shape[3], rh / region.shape[2]
+        if region.device.type == "cpu":  # the CPU has a SIMD uint8 path for this resize
+            region = F.interpolate(region, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
+        else:
+            region = F.interpolate(region.float(), size=(rh, rw), mode="bilinear", antialias=True,
+                                   align_corners=False)
+        cx, cy, side = cx * fx, cy * fy, side * (fx + fy) / 2.0
+    region = region.float().div_(255.0)
+    rh, rw = region.shape[2], region.shape[3]
+    cos, sin = math.cos(framing.angle), math.sin(framing.angle)
+    # Output (u, v) in -1..1 -> frame pixel centre + R(angle) (u, v) side/2 -> grid_sample's
+    # -1..1 (align_corners=False: -1 and 1 are the outer edges of the border pixels).
+    theta = torch.tensor([[[side * cos / rw, -side * sin / rw, 2.0 * cx / rw - 1.0],
+                           [side * sin / rh, side * cos / rh, 2.0 * cy / rh - 1.0]]],
+                         dtype=region.dtype, device=region.device)
+    grid = F.affine_grid(theta, [1, 3, size, size], align_corners=False)
+    return F.grid_sample(region, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp_(0.0, 1.0)
+
+
+def _box_of(face: dict[str, Any]) -> tuple[float, float, float, float] | None:
+    box = face.get("bbox")
+    if not box or len(box) != 4:
+        return None
+    x, y, w, h = (float(v) for v in box)
+    return (x, y, w, h) if w > 0 and h > 0 else None

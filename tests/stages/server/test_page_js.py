@@ -1,0 +1,121 @@
+"""The page's pure modules under Node.js: stats as tables of numbers, face label placement,
+the latency histogram's buckets. Runs only where Node.js is installed (as test_server_wire_js)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+from echo_hooks import EchoHooks
+
+from stages.server.http_routes import STATIC_DIR
+from stages.server.protocol import encode_message
+
+NODE = shutil.which("node")
+pytestmark = pytest.mark.skipif(NODE is None, reason="Node.js not installed")
+
+
+def run_module(tmp_path, imports: str, body: str) -> list:
+    # Node treats a bare .js file as CommonJS; copies named .mjs load as the ES modules they are.
+    for name in ("stats_view", "overlay", "latency_chart"):
+        (tmp_path / f"{name}.mjs").write_bytes((STATIC_DIR / f"{name}.js").read_bytes())
+    script = tmp_path / "check.mjs"
+    script.write_text(imports + "\n" + body)
+    result = subprocess.run([NODE, str(script)], capture_output=True, text=True, timeout=30, check=True)
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def runtime_stats() -> dict:
+    """A ``stats`` payload as the page receives it: the double's (shaped like the runtime's
+    aggregator) plus the server's part, through the real encoder."""
+    hooks = EchoHooks()
+    try:
+        stats = {**hooks.stats(), "server": {"sessions": 2, "uptime_s": 12.5,
+                                             "session": {"id": "abc", "uptime_s": 3.25, "frames_in": 7}}}
+    finally:
+        hooks.close()
+    return json.loads(encode_message("stats", stats))["payload"]
+
+
+def test_stats_become_tables_of_numbers_never_json(tmp_path):
+    [model] = run_module(tmp_path, 'import { statsModel } from "./stats_view.mjs";',
+                         f"console.log(JSON.stringify(statsModel({json.dumps(runtime_stats())})));")
+    texts = [f["value"] for f in model["figures"]] + [i["value"] for g in model["groups"] for i in g["items"]]
+    texts += [c["text"] for t in model["tables"] for rows in (t["head"], t["rows"]) for row in rows for c in row]
+    assert all(isinstance(t, str) for t in texts)
+    assert not [t for t in texts if any(ch in t for ch in '{}[]"')]
+
+    tables = {t["key"]: t for t in model["tables"]}
+    assert list(tables) == ["ranks", "stages", "hops", "spans", "server"]
+    stages = tables["stages"]
+    top, sub = stages["head"]
+    assert {"text": "compute (ms)", "colspan": 4, "cls": "group"} in top
+    assert [c["text"] for c in sub][:4] == ["p50", "p95", "p99", "n"]
+    generator = next(r for r in stages["rows"] if r[0]["text"] == "generator")
+    cells = [c["text"] for c in generator]
+    assert cells[:6] == ["generator", "120", "120", "60", "0", "0"]
+    assert cells[-4:] == ["11.0", "15.2", "18.7", "120"]  # compute_ms, a group of columns after the plain ones
+    hop = tables["hops"]["rows"][0]
+    assert hop[0]["text"] == "ingest#0 → vision#0" and "123 KB" in [c["text"] for c in hop]
+    ranks = tables["ranks"]
+    assert [c["text"] for c in ranks["head"][0]] == ["rank", "role", "alive", "last seen (s)"]
+    assert [c["text"] for c in ranks["rows"][0]] == ["0", "server", "● up", "0"]
+    server_sub = [c["text"] for c in tables["server"]["head"][1]]
+    assert server_sub == ["id", "uptime (s)", "in"]  # the session's own columns, units where the group has none
+
+    spans = tables["spans"]
+    assert spans["title"] == "spans of a frame (ms)" and [c["text"] for c in spans["head"][0]] == ["", "p50", "p95", "p99", "n"]
+    assert [c["text"] for c in spans["rows"][1]] == ["generator.start → generator.end", "11.0", "15.2", "18.7", "120"]
+
+    groups = {g["key"]: g for g in model["groups"]}
+    assert groups["server_latency_ms"]["items"] == [{"label": "p50", "value": "0.40 ms"},
+                                                    {"label": "p95", "value": "0.90 ms"},
+                                                    {"label": "p99", "value": "1.20 ms"},
+                                                    {"label": "n", "value": "10"}]
+    assert groups["drops"]["title"] == "drops"
+    figures = {f["key"]: f["value"] for f in model["figures"]}
+    assert figures["revision"] == "1" and figures["nan_is_null"] == "–"
+
+
+def test_face_labels_go_above_inside_at_the_top_and_never_overlap(tmp_path):
+    bounds = {"left": 0, "top": 0, "right": 400, "bottom": 300}
+    cases = {
+        "above": [{"x": 100, "y": 100, "w": 80, "h": 80, "width": 90}],
+        "top_edge": [{"x": 100, "y": 5, "w": 80, "h": 80, "width": 90}],
+        "right_edge": [{"x": 350, "y": 100, "w": 50, "h": 50, "width": 90}],
+        "side_by_side": [{"x": 100, "y": 100, "w": 60, "h": 60, "width": 90},
+                         {"x": 170, "y": 102, "w": 60, "h": 60, "width": 90}],
+        "crowd": [{"x": 10 + 12 * i, "y": 4, "w": 30, "h": 30, "width": 120} for i in range(6)],
+    }
+    [placed] = run_module(tmp_path, 'import { placeLabels, overlaps } from "./overlay.mjs";', f"""
+        const cases = {json.dumps(cases)}; const bounds = {json.dumps(bounds)};
+        const out = {{}};
+        for (const [name, items] of Object.entries(cases)) {{
+          const labels = placeLabels(items, bounds);
+          const clash = labels.some((a, i) => labels.some((b, j) => i < j && overlaps(a, b)));
+          out[name] = {{ labels, clash }};
+        }}
+        console.log(JSON.stringify(out));
+    """)
+    assert placed["above"]["labels"] == [{"x": 100, "y": 80, "w": 90, "h": 20}]        # on top of the box
+    assert placed["top_edge"]["labels"] == [{"x": 100, "y": 5, "w": 90, "h": 20}]      # inside, at its top
+    assert placed["right_edge"]["labels"][0]["x"] == 310                              # pulled into the frame
+    for name, result in placed.items():
+        assert not result["clash"], name
+        for r in result["labels"]:
+            assert 0 <= r["x"] <= r["x"] + r["w"] <= 400 and 0 <= r["y"] <= r["y"] + r["h"] <= 300, (name, r)
+    first, second = placed["side_by_side"]["labels"]
+    assert first == {"x": 100, "y": 80, "w": 90, "h": 20}  # the first (primary) keeps its place
+
+
+def test_latency_histogram_buckets(tmp_path):
+    out = run_module(tmp_path, 'import { histogram, chooseStep } from "./latency_chart.mjs";', """
+        console.log(JSON.stringify(histogram([1, 2, 12, 19, 22, 300], 12)));
+        console.log(JSON.stringify(histogram([30, 60, 90, 120, 130], 12)));
+        console.log(JSON.stringify([chooseStep(40, 12), chooseStep(40, 12, 10), chooseStep(40, 12, 200), chooseStep(0, 12)]));
+    """)
+    assert out[0] == {"step": 50, "counts": [5, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0]}  # p95 is 300 ms: 50-ms buckets
+    assert out[1] == {"step": 20, "counts": [0, 1, 0, 1, 1, 0, 2, 0, 0, 0, 0, 0]}
+    assert out[2] == [5, 10, 5, 5]  # a step that still fits is kept unless far too coarse
