@@ -9,7 +9,10 @@ resized to 64x64 with bilinear interpolation (``cv2.resize`` default) and scaled
 
 One deliberate difference: ``fer`` widens by a fixed 10 px, tuned for ~640-wide frames.
 Here the margin is a fraction of the square side (default 0.085, i.e. 10 px on a 119 px
-Haar box), so the crop looks the same whatever capture width the page uses.
+Haar box), so the crop looks the same whatever capture width the page uses. The boxes now
+come from MTCNN rather than fer's Haar cascade; on the astronaut fixture the two agree to
+IoU > 0.5 (tests/stages/vision/test_vision_stage.py), and the emotion test still reads her
+as happy.
 
 Quality (0..1) tells downstream stages how far to trust a face:
 
