@@ -35,6 +35,8 @@ class Aggregator:
         self._fps = RateMeter()
         self._session_fps: dict[str, RateMeter] = {}
         self.delivered = 0
+        self.by_generator: dict[str, int] = {}
+        """Frames delivered per the generator that made them (meta["style"]["generator"])."""
         self.late = 0
         self._lock = threading.Lock()
 
@@ -48,8 +50,11 @@ class Aggregator:
         """A frame reached its browser session; its trace becomes per-span samples."""
         now = time.time()
         spans = trace_spans(msg.trace)
+        generator = (msg.meta.get("style") or {}).get("generator")
         with self._lock:
             self.delivered += 1
+            if generator is not None:
+                self.by_generator[str(generator)] = self.by_generator.get(str(generator), 0) + 1
             meter = self._session_fps.setdefault(msg.session, RateMeter())
             for name, ms in spans:
                 self._spans.setdefault(name, Window(256)).add(ms)
@@ -78,7 +83,7 @@ class Aggregator:
             snapshots = dict(self._snapshots)
             spans = {k: percentiles(w.values()) for k, w in self._spans.items()}
             sessions = {s: round(m.rate(), 2) for s, m in self._session_fps.items()}
-            delivered, late = self.delivered, self.late
+            delivered, late, by_generator = self.delivered, self.late, dict(self.by_generator)
         stages, hops = {}, {}
         for snapshot in snapshots.values():
             for name, s in snapshot.get("stages", {}).items():
@@ -92,6 +97,7 @@ class Aggregator:
             "fps": round(self._fps.rate(), 2),
             "sessions": sessions,
             "delivered": delivered,
+            "delivered_by_generator": by_generator,
             "server_latency_ms": percentiles(self._server_latency.values()),
             "stages": stages,
             "hops": hops,
@@ -120,6 +126,11 @@ class _StatsCollector:
         s = self._stats()
         yield GaugeMetricFamily("mindmirror_output_fps", "Output frames per second, all sessions", value=s["fps"])
         yield CounterMetricFamily("mindmirror_frames_delivered", "Frames delivered to browsers", value=s["delivered"])
+        made = CounterMetricFamily("mindmirror_frames_by_generator", "Frames delivered, by the generator that made "
+                                   "them (a fallback serving shows here)", labels=["generator"])
+        for generator, n in s["delivered_by_generator"].items():
+            made.add_metric([generator], n)
+        yield made
         drops = CounterMetricFamily("mindmirror_frames_dropped", "Frames dropped, by reason", labels=["reason"])
         for reason, n in s["drops"].items():
             drops.add_metric([reason], n)
@@ -135,12 +146,17 @@ class _StatsCollector:
         yield latency
         compute = GaugeMetricFamily("mindmirror_stage_compute_ms", "Stage compute per frame, ms", labels=["stage", "quantile"])
         frames = CounterMetricFamily("mindmirror_stage_frames", "Frames processed per stage", labels=["stage"])
+        diverted = CounterMetricFamily("mindmirror_frames_diverted", "Outputs a stage sent to the next stage's "
+                                       "fallback, by reason", labels=["stage", "reason"])
         for name, st in s["stages"].items():
             frames.add_metric([name], st.get("frames_in", 0))
+            for reason, n in (st.get("diverted") or {}).items():
+                diverted.add_metric([name, reason], n)
             for q, v in _quantiles(st.get("compute_ms", {})):
                 compute.add_metric([name, q], v)
         yield compute
         yield frames
+        yield diverted
         hop = GaugeMetricFamily("mindmirror_link_hop_ms", "Link send-to-receive latency, ms", labels=["link", "quantile"])
         sent = CounterMetricFamily("mindmirror_link_bytes_sent", "Payload bytes sent per link", labels=["link"])
         for name, link in s["hops"].items():

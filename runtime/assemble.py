@@ -21,6 +21,7 @@ from comms.links import LinkEnds
 from comms.message import Message
 from core.settings import RuntimeSettings
 from runtime.aggregate import Aggregator
+from runtime.availability import StageAvailability, availability_message
 from runtime.compose import FRONT_DOOR, RankPart, RunnerPart
 from runtime.config import JobConfig
 from runtime.control import ControlClient, ControlHub, config_message
@@ -31,7 +32,7 @@ from runtime.live_view import LiveView
 from runtime.metrics import StageMetrics, link_snapshot
 from runtime.planner import LinkKind
 from runtime.session_queue import SessionQueue
-from runtime.stage_loop import Inlet, Outlet, Router, StageRunner
+from runtime.stage_loop import Fallback, Inlet, Outlet, Router, StageRunner
 from stages.base import StageContext
 from stages.registry import stage_class
 from stages.server.ws_server import WebServer
@@ -63,6 +64,8 @@ class RankPieces:
     """Per stage replica, filled by its runner."""
     publish_event: Callable[[Message], None]
     """Where a stage's notice for a session goes: the page, or the server rank."""
+    availability: StageAvailability = field(default_factory=StageAvailability)
+    """Which stages cannot serve: this process's own, and the other ranks' via the control plane."""
     runners: list[StageRunner] = field(default_factory=list)
     """Built by ``assemble_runners``."""
 
@@ -72,6 +75,7 @@ def assemble(part: RankPart, config: JobConfig, links: LinkEnds, live: LiveView,
     """The control plane's end and, on the server rank, the front end; no runners yet."""
     metrics = {runner.label: StageMetrics(runner.label) for runner in part.runners}
     data_links = {link.name for link in part.links if link.kind is LinkKind.DATA}
+    availability = StageAvailability()
 
     def snapshot() -> dict:
         ends = {}
@@ -79,7 +83,15 @@ def assemble(part: RankPart, config: JobConfig, links: LinkEnds, live: LiveView,
             ends[name] = [end.stats.snapshot() for end in (links.writers.get(name), links.readers.get(name)) if end]
         return {"rank": part.rank, "role": part.role,
                 "stages": {label: m.snapshot() for label, m in metrics.items()},
-                "links": {name: link_snapshot(stats) for name, stats in ends.items()}}
+                "links": {name: link_snapshot(stats) for name, stats in ends.items()},
+                "unavailable": availability.local()}
+
+    def on_snapshot(rank: int, snap: dict) -> None:
+        front.aggregator.on_snapshot(rank, snap)
+        changed = availability.merge_rank(rank, snap.get("unavailable") or {})
+        changed |= availability.merge_rank(part.rank, availability.local())  # the server rank's own stages
+        if changed:
+            hub.broadcast(availability_message(availability.remote()))
 
     hub = client = front = None
     if part.control is not None and part.control.hub:
@@ -88,13 +100,13 @@ def assemble(part: RankPart, config: JobConfig, links: LinkEnds, live: LiveView,
         hub = ControlHub(config=config.control, roles=part.control.roles, lifecycle=lifecycle,
                          ctl={rank: links.writers[name] for rank, name in part.control.sends.items()},
                          status={rank: links.readers[name] for rank, name in part.control.receives.items()},
-                         on_snapshot=lambda rank, snap: front.aggregator.on_snapshot(rank, snap),
-                         on_event=lambda msg: front.sink.deliver_event(msg))
+                         on_snapshot=on_snapshot, on_event=lambda msg: front.sink.deliver_event(msg))
     elif part.control is not None:
         (server_rank, status), = part.control.sends.items()
         client = ControlClient(config=config.control, ctl=links.readers[part.control.receives[server_rank]],
                                status=links.writers[status], live=live, snapshot=snapshot, lifecycle=lifecycle,
-                               server=f"rank {server_rank} ({part.control.roles[server_rank]})")
+                               server=f"rank {server_rank} ({part.control.roles[server_rank]})",
+                               on_availability=availability.set_remote)
     def liveness() -> dict[int, tuple[bool, float]]:
         return {part.rank: (lifecycle.failure is None, 0.0), **(hub.liveness() if hub is not None else {})}
 
@@ -108,14 +120,13 @@ def assemble(part: RankPart, config: JobConfig, links: LinkEnds, live: LiveView,
             client.publish_event(msg)
 
     return RankPieces(front=front, hub=hub, client=client, snapshot=snapshot, liveness=liveness, metrics=metrics,
-                      publish_event=publish_event)
+                      publish_event=publish_event, availability=availability)
 
 
 def assemble_runners(part: RankPart, config: JobConfig, links: LinkEnds, pieces: RankPieces, live: LiveView,
                      lifecycle: Lifecycle) -> list[StageRunner]:
     """Every stage of this rank, constructed, with its runner (not started)."""
-    return [_runner(r, part, config, links, pieces.front, live, lifecycle, pieces.metrics[r.label],
-                    pieces.publish_event) for r in part.runners]
+    return [_runner(r, part, config, links, pieces, live, lifecycle) for r in part.runners]
 
 
 def _front_end(part: RankPart, config: JobConfig, live: LiveView, hub: ControlHub | None,
@@ -138,16 +149,22 @@ def _front_end(part: RankPart, config: JobConfig, live: LiveView, hub: ControlHu
     return FrontEnd(server=server, door=door, inbox=inbox, sink=sink, aggregator=aggregator)
 
 
-def _runner(runner: RunnerPart, part: RankPart, config: JobConfig, links: LinkEnds, front: FrontEnd | None,
-            live: LiveView, lifecycle: Lifecycle, metrics: StageMetrics,
-            publish_event: Callable[[Message], None]) -> StageRunner:
+def _runner(runner: RunnerPart, part: RankPart, config: JobConfig, links: LinkEnds, pieces: RankPieces,
+            live: LiveView, lifecycle: Lifecycle) -> StageRunner:
+    front, metrics = pieces.front, pieces.metrics[runner.label]
     inputs: list[Inlet] = [front.inbox if name == FRONT_DOOR else links.readers[name] for name in runner.inputs]
     outputs: list[Outlet] = [front.sink if name == FRONT_DOOR else links.writers[name] for name in runner.outputs]
+    fallback = None
+    if runner.fallback_outputs:
+        fallback = Fallback(outlets=[links.writers[name] for name in runner.fallback_outputs],
+                            stage=runner.next_stage, wait_s=runner.fallback_after_ms / 1000.0,
+                            availability=pieces.availability)
     context = StageContext(rank=part.rank, role=part.role, replica=runner.replica,
                            device=torch.device(runner.device), logger=logging.getLogger(f"stages.{runner.label}"),
-                           runtime=live.get, publish_event=publish_event)
+                           runtime=live.get, publish_event=pieces.publish_event)
     stage = stage_class(runner.spec.kind)(config.stage_config(runner.spec), context)
-    return StageRunner(name=runner.label, stage=stage, inputs=inputs,
-                       router=Router(outputs, runner.spec.routing, lifecycle.stopping) if outputs else None,
+    router = Router(outputs, runner.spec.routing, lifecycle.stopping, fallback, metrics) if outputs else None
+    return StageRunner(name=runner.label, stage=stage, inputs=inputs, router=router,
                        max_batch=runner.spec.max_batch, batch_wait_ms=runner.spec.batch_wait_ms, live=live,
-                       metrics=metrics, lifecycle=lifecycle, publish_event=publish_event)
+                       metrics=metrics, lifecycle=lifecycle, publish_event=pieces.publish_event,
+                       availability=pieces.availability, stage_name=runner.spec.name)

@@ -50,6 +50,13 @@ class RunnerPart:
     """Link names it reads from, or ``FRONT_DOOR``; empty for a source."""
     outputs: tuple[str, ...]
     """Link names it writes to, or ``FRONT_DOOR``; empty for a sink."""
+    fallback_outputs: tuple[str, ...] = ()
+    """Links to the next stage's fallback: its frames go there whenever the next stage
+    cannot take them (``StageSpec.fallback``)."""
+    fallback_after_ms: float = 0.0
+    """How long a frame waits for the next stage before going to its fallback."""
+    next_stage: str | None = None
+    """The stage ``outputs`` lead to (whose availability decides the route), if any."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -97,10 +104,17 @@ class CompositionError(ConfigError):
 
 def compose(plan: Plan, rank: int, config: JobConfig) -> RankPart:
     """What ``rank`` runs under ``plan``; raises ``CompositionError`` for a miswired pipeline."""
-    payloads = check_payloads(config.pipeline)
+    pipeline = config.pipeline
+    payloads = check_payloads(pipeline)
     me = plan.ranks[rank]
-    specs = {spec.name: spec for spec in config.pipeline.stages}
-    first, last = config.pipeline.stages[0].name, config.pipeline.stages[-1].name
+    specs = {spec.name: spec for spec in pipeline.stages}
+    chain = pipeline.chain
+    first, last = chain[0].name, chain[-1].name
+    # Where each stage's outputs go: the next chain stage (for a fallback: its primary's).
+    successor = {a.name: b.name for a, b in zip(chain, chain[1:])}
+    for spec in chain:
+        if (fallback := pipeline.fallback_of(spec.name)) is not None and spec.name in successor:
+            successor[fallback.name] = successor[spec.name]
     data = [link for link in plan.links if link.kind is LinkKind.DATA]
     runners = []
     for placement in me.stages:
@@ -108,15 +122,22 @@ def compose(plan: Plan, rank: int, config: JobConfig) -> RankPart:
         accepts, emits = payloads[spec.name]
         inputs = [link.name for link in data
                   if link.dst_stage == spec.name and link.dst_replica == placement.replica]
-        outputs = [link.name for link in data
-                   if link.src_stage == spec.name and link.src_replica == placement.replica]
+        mine = [link for link in data if link.src_stage == spec.name and link.src_replica == placement.replica]
+        nxt = successor.get(spec.name)
+        outputs = [link.name for link in mine if link.dst_stage == nxt]
+        nxt_fallback = pipeline.fallback_of(nxt) if nxt is not None else None
+        fallback_outputs = [link.name for link in mine
+                            if nxt_fallback is not None and link.dst_stage == nxt_fallback.name]
         if spec.name == first and accepts is not None:
             inputs = [FRONT_DOOR]
         if spec.name == last and emits is not None:
             outputs = [FRONT_DOOR]
         runners.append(RunnerPart(label=placement.label, spec=spec, replica=placement.replica,
                                   device=placement.device, accepts=accepts, emits=emits,
-                                  inputs=tuple(inputs), outputs=tuple(outputs)))
+                                  inputs=tuple(inputs), outputs=tuple(outputs),
+                                  fallback_outputs=tuple(fallback_outputs),
+                                  fallback_after_ms=specs[nxt].fallback_after_ms if nxt_fallback else 0.0,
+                                  next_stage=nxt))
     front_door = None
     if me.server:
         front_door = FrontDoorPart(feeds=f"{first}#0" if payloads[first][0] is not None else None,
@@ -142,8 +163,8 @@ def check_payloads(pipeline: PipelineConfig) -> dict[str, tuple[Payload | None, 
     the one before it makes, and that the first and last stages fit the front door: the
     first takes the page's camera frames (``CAMERA_JPEG``, on the server rank) or is a
     source; the last makes frames for the page (``OUTPUT_JPEG``, on the server rank) or is
-    a sink."""
-    stages = pipeline.stages
+    a sink. A fallback must take and make what the stage it stands in for does."""
+    stages = pipeline.chain
     resolved: dict[str, tuple[Payload | None, Payload | None]] = {}
     flowing: Payload | None = None
     for i, spec in enumerate(stages):
@@ -181,6 +202,21 @@ def check_payloads(pipeline: PipelineConfig) -> dict[str, tuple[Payload | None, 
                 f"({OUTPUT_JPEG.describe()}) or be a sink (emit nothing); it emits {flowing.describe()}",
                 f"pipeline.stages[{len(stages) - 1}].kind")
         _check_server_end(last, len(stages) - 1, True, "shows its frames on the page")
+    for i, spec in enumerate(pipeline.stages):
+        if spec.fallback is None:
+            continue
+        fallback = pipeline.stage(spec.fallback)
+        cls = stage_class(fallback.kind)
+        taken, made = resolved[spec.name]
+        accepts = taken if cls.accepts is ANY else cls.accepts
+        emits = accepts if cls.emits is SAME else cls.emits
+        if accepts is None or emits is None or not taken.fits(accepts) or not emits.fits(made):
+            raise CompositionError(
+                f"stage {fallback.name!r} ({fallback.kind}) is the fallback of {spec.name!r}, so it must take "
+                f"{taken.describe()} and make {made.describe()}; it takes "
+                f"{accepts.describe() if accepts else 'nothing'} and makes {emits.describe() if emits else 'nothing'}",
+                f"pipeline.stages[{i}].fallback")
+        resolved[fallback.name] = (taken, made)
     return resolved
 
 
@@ -204,6 +240,11 @@ def format_part(part: RankPart) -> str:
         lines.append(f"    in:  {', '.join(runner.inputs) or '-'}")
         routing = f" (routing: {runner.spec.routing})" if len(runner.outputs) > 1 else ""
         lines.append(f"    out: {', '.join(runner.outputs) or '-'}{routing}")
+        if runner.fallback_outputs:
+            wait = (f"after {runner.fallback_after_ms:g} ms without a credit" if runner.fallback_after_ms
+                    else "when it has no credit free")
+            lines.append(f"    fallback: {', '.join(runner.fallback_outputs)} ({runner.next_stage} unavailable, "
+                         f"or {wait})")
     if part.control is not None:
         side = "control hub" if part.control.hub else "control client"
         lines.append(f"  {side}: sends {', '.join(part.control.sends.values())}; "

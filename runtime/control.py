@@ -4,6 +4,7 @@ The server rank runs a ``ControlHub``; every other rank a ``ControlClient``. The
 over two small links per rank (CPU; the planner lists them beside the data links):
 
     control:s->r  Kind.CONTROL  {"op": "config", "revision", "settings"} | {"op": "stop", "reason", "failed"}
+                                {"op": "availability", "unavailable": {stage: reason}}
     status:r->s   Kind.STATUS   {"op": "heartbeat", "snapshot": {...metrics...}}
                                 {"op": "leaving", "reason", "failed"}  (last, when the rank stops)
                   Kind.EVENT    a stage's notice for a browser session, forwarded to the server
@@ -29,6 +30,7 @@ from comms.errors import ChannelClosed, ChannelTimeout, PeerFailure, TransportEr
 from comms.message import Kind, Message
 from core.config import check, check_range
 from core.settings import RuntimeSettings
+from runtime.availability import AVAILABILITY_OP
 from runtime.lifecycle import Lifecycle
 from runtime.live_config import settings_from_dict, settings_to_dict
 from runtime.live_view import LiveView
@@ -210,8 +212,11 @@ class ControlClient:
     the hub this rank is ready."""
 
     def __init__(self, *, config: ControlConfig, ctl: ChannelReader, status: ChannelWriter, live: LiveView,
-                 snapshot: Callable[[], dict], lifecycle: Lifecycle, server: str) -> None:
+                 snapshot: Callable[[], dict], lifecycle: Lifecycle, server: str,
+                 on_availability: Callable[[dict[str, str]], None] = lambda unavailable: None) -> None:
         self.config = config
+        self.on_availability = on_availability
+        """Applies the hub's map of stages that cannot serve (``runtime.availability``)."""
         self.server = server
         """The server rank as messages name it, e.g. 'rank 0 (server+ingest+display)'."""
         self.ctl = ctl
@@ -288,5 +293,7 @@ class ControlClient:
                 self.lifecycle.fail(f"stopped by {self.server} after a failure (its log says why)")
             elif op == "stop":
                 self.lifecycle.request_stop(str(msg.meta.get("reason", f"stop requested by {self.server}")))
+            elif op == AVAILABILITY_OP:
+                self.on_availability(dict(msg.meta.get("unavailable") or {}))
             else:
                 log.warning("ignoring unknown control op %r", op)

@@ -80,6 +80,10 @@ class StageMetrics:
     flushed: int = 0
     """Frames dropped because the live config changed after they were captured."""
     errors: int = 0
+    diverted_saturated: int = 0
+    """Outputs sent to the next stage's fallback because it had no credit free in time."""
+    diverted_unavailable: int = 0
+    """Outputs sent to the next stage's fallback because it said it cannot serve."""
     compute_ms: Window = field(default_factory=Window)
     """Compute time per frame (batch time divided by batch size; for a source, by what it made)."""
     batch_sizes: Window = field(default_factory=Window)
@@ -108,6 +112,7 @@ class StageMetrics:
                 "batches": self.batches,
                 "flushed": self.flushed,
                 "errors": self.errors,
+                "diverted": {"saturated": self.diverted_saturated, "unavailable": self.diverted_unavailable},
                 "compute_ms": percentiles(self.compute_ms.values()),
                 "mean_batch": round(sum(sizes) / len(sizes), 2) if sizes else 0.0,
             }

@@ -94,6 +94,14 @@ class StageSpec:
     """Fields of the kind's config section (the top-level section named like ``kind``)
     that this stage alone uses instead, e.g. ``{cost_ms: 40}`` for one synthetic stage of
     several. Checked against that section's fields and rules when the config loads."""
+    fallback: str | None = None
+    """Another stage of the pipeline that takes this stage's frames whenever this one
+    cannot: it is saturated (no credit free within ``fallback_after_ms``) or it reports
+    itself unavailable (e.g. a diffusion stage without a model). The fallback stage sits
+    beside this one, not in the chain: it gets the same upstream and downstream stages."""
+    fallback_after_ms: float = 0.0
+    """How long a frame waits for a credit of this stage before it goes to the fallback
+    (0..1000 ms); 0 diverts at once when every replica of this stage is busy."""
 
     def __post_init__(self) -> None:
         _check_name(self.name, "name")
@@ -111,6 +119,10 @@ class StageSpec:
         check_choice(self.routing, "routing", ROUTINGS)
         check_range(self.max_batch, "max_batch", 1, MAX_BATCH_LIMIT)
         check_range(self.batch_wait_ms, "batch_wait_ms", 0.0, MAX_BATCH_WAIT_MS)
+        check_range(self.fallback_after_ms, "fallback_after_ms", 0.0, MAX_BATCH_WAIT_MS)
+        if self.fallback is not None:
+            _check_name(self.fallback, "fallback")
+            check(self.fallback != self.name, "fallback", f"must name another stage, not {self.name!r} itself")
         if self.nodes is not None:
             check(len(self.nodes) > 0, "nodes", "must list at least one node index, or be null for any node")
             for i, node in enumerate(self.nodes):
@@ -166,7 +178,9 @@ class PipelineConfig:
     """Where stage kinds not built in come from, imported before the stages are looked up:
     module names on the Python path, or ``.py`` files (relative to the config file's folder)."""
     stages: list[StageSpec] = field(default_factory=mirror_stages)
-    """Stages in chain order: data flows stages[0] -> stages[1] -> ... -> stages[-1]."""
+    """Stages in chain order: data flows stages[0] -> stages[1] -> ... -> stages[-1],
+    except that a stage named as another's ``fallback`` is not in the chain: it sits
+    beside that stage (list it anywhere)."""
     share_server_rank: bool = False
     """Allow worker stages pinned with ``ranks`` to include rank 0. Off by default because
     rank 0 also runs the web server's event loop, and a heavy stage there adds latency
@@ -182,7 +196,41 @@ class PipelineConfig:
             seen.setdefault(spec.name, i)
         for i, entry in enumerate(self.plugins):
             check(bool(entry.strip()), f"plugins[{i}]", "must be a module name or a .py file, got an empty string")
+        self._check_fallbacks()
 
+    def _check_fallbacks(self) -> None:
+        names = [spec.name for spec in self.stages]
+        served: dict[str, str] = {}
+        for i, spec in enumerate(self.stages):
+            if spec.fallback is None:
+                continue
+            where = f"stages[{i}].fallback"
+            if not check(spec.fallback in names, where, f"no stage named {spec.fallback!r}; stages: {', '.join(names)}"):
+                continue
+            check(spec.fallback not in served, where, f"{spec.fallback!r} is already the fallback of "
+                                                      f"{served.get(spec.fallback)!r}; a fallback serves one stage")
+            served.setdefault(spec.fallback, spec.name)
+        for i, spec in enumerate(self.stages):
+            if spec.name in served:
+                check(spec.fallback is None, f"stages[{i}].fallback",
+                      f"{spec.name!r} is the fallback of {served[spec.name]!r} and cannot have a fallback itself")
+        chain = [spec for spec in self.stages if spec.name not in served]
+        for position, spec in enumerate(chain):
+            if spec.fallback is not None:
+                check(0 < position < len(chain) - 1, f"stages[{names.index(spec.name)}].fallback",
+                      "only a stage between two others can have a fallback (the stage before it routes "
+                      "frames to one or the other)")
+
+    @property
+    def chain(self) -> list[StageSpec]:
+        """The stages data flows through in order, without the fallbacks beside them."""
+        fallbacks = {spec.fallback for spec in self.stages if spec.fallback is not None}
+        return [spec for spec in self.stages if spec.name not in fallbacks]
+
+    def fallback_of(self, name: str) -> StageSpec | None:
+        """The stage that serves ``name``'s frames when it cannot, if any."""
+        fallback = self.stage(name).fallback
+        return None if fallback is None else self.stage(fallback)
     def stage(self, name: str) -> StageSpec:
         for spec in self.stages:
             if spec.name == name:

@@ -27,7 +27,7 @@ from itertools import pairwise
 
 from comms.config import BACKENDS, TransportConfig
 from comms.link_spec import Transport
-from runtime.pipeline_config import PipelineConfig
+from runtime.pipeline_config import PipelineConfig, StageSpec
 from runtime.placement import SERVER_RANK, SERVER_ROLE, PlanError, place_stages, ranks_text, stage_device
 
 
@@ -182,7 +182,7 @@ def _data_links(config: PipelineConfig, stage_ranks: dict[str, list[int]],
                 placements: dict[tuple[str, int], StagePlacement], ranks: list[RankAssignment],
                 backend: str, transport: TransportConfig) -> list[Link]:
     links = []
-    for src, dst in pairwise(config.stages):
+    for src, dst in _data_edges(config):
         for src_replica, src_rank in enumerate(stage_ranks[src.name]):
             for dst_replica, dst_rank in enumerate(stage_ranks[dst.name]):
                 src_device = placements[src.name, src_replica].device
@@ -195,6 +195,19 @@ def _data_links(config: PipelineConfig, stage_ranks: dict[str, list[int]],
                     transport=carrier, backend=payloads, src_stage=src.name, src_replica=src_replica,
                     dst_stage=dst.name, dst_replica=dst_replica))
     return links
+
+
+def _data_edges(config: PipelineConfig) -> list[tuple[StageSpec, StageSpec]]:
+    """Every (from, to) stage pair data flows along: the chain, plus each fallback wired
+    like the stage it stands in for (from that stage's predecessor, to its successor)."""
+    edges = []
+    for src, dst in pairwise(config.chain):
+        edges.append((src, dst))
+        if (dst_fallback := config.fallback_of(dst.name)) is not None:
+            edges.append((src, dst_fallback))
+        if (src_fallback := config.fallback_of(src.name)) is not None:
+            edges.append((src_fallback, dst))
+    return edges
 
 
 def _control_links(ranks: list[RankAssignment], backend: str, transport: TransportConfig) -> list[Link]:

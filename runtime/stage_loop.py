@@ -20,10 +20,12 @@ import logging
 import threading
 import time
 import zlib
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from comms.errors import ChannelClosed, ChannelTimeout, PeerFailure
 from comms.message import Kind, Message
+from runtime.availability import StageAvailability
 from runtime.lifecycle import Lifecycle
 from runtime.live_view import LiveView
 from runtime.metrics import StageMetrics
@@ -60,47 +62,93 @@ class Outlet(Protocol):
     def credits(self) -> int: ...
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Fallback:
+    """Where a router sends what the next stage cannot take (``StageSpec.fallback``)."""
+
+    outlets: list[Outlet]
+    """Links to the fallback stage's replicas."""
+    stage: str
+    """The next stage, whose availability decides."""
+    wait_s: float
+    """How long an output waits for a credit of the next stage before it is diverted."""
+    availability: StageAvailability
+
+
 class Router:
     """Spreads one stage replica's outputs over the next stage's replicas.
 
     ``round_robin`` takes turns, skipping replicas with no free credit; ``least_loaded``
     picks the replica with the most free credits; ``session`` keeps each browser
     session on one replica (for stages with per-session temporal state).
+
+    With a ``Fallback``, an output goes to the fallback stage instead (same policy over
+    its replicas) when the next stage says it cannot serve, or when none of its
+    replicas had a credit free within ``wait_s``: the frame is served late-but-cheap
+    instead of queueing behind a saturated stage or being dropped by one that cannot
+    serve. Diversions are counted in ``metrics`` by reason.
     """
 
-    def __init__(self, outlets: list[Outlet], policy: str, stop: threading.Event) -> None:
+    def __init__(self, outlets: list[Outlet], policy: str, stop: threading.Event, fallback: Fallback | None = None,
+                 metrics: StageMetrics | None = None) -> None:
         if not outlets:
             raise ValueError("a router needs at least one downstream outlet")
         if policy not in ROUTINGS:
             raise ValueError(f"routing policy {policy!r}; allowed: {', '.join(ROUTINGS)}")
+        if fallback is not None and not fallback.outlets:
+            raise ValueError("a fallback needs at least one outlet")
         self.outlets = outlets
         self.policy = policy
+        self.fallback = fallback
+        self.metrics = metrics
         self._stop = stop
-        self._turn = itertools.cycle(range(len(outlets)))
+        self._turns = {id(outlets): itertools.cycle(range(len(outlets)))}
+        if fallback is not None:
+            self._turns[id(fallback.outlets)] = itertools.cycle(range(len(fallback.outlets)))
 
     def send(self, msg: Message) -> bool:
-        """Send to one replica, waiting for credit; False if stopping before it went."""
+        """Send to one replica (of the next stage, or of its fallback), waiting for credit;
+        False if stopping before it went."""
+        if self.fallback is None:
+            return self._send_to(self.outlets, msg, deadline=None)
+        if self.fallback.availability.reason(self.fallback.stage) is not None:
+            return self._divert(msg, "unavailable")
+        sent = self._send_to(self.outlets, msg, deadline=time.monotonic() + self.fallback.wait_s)
+        return True if sent else (not self._stop.is_set() and self._divert(msg, "saturated"))
+
+    def _divert(self, msg: Message, why: str) -> bool:
+        if self.metrics is not None:
+            self.metrics.count(f"diverted_{why}")
+        return self._send_to(self.fallback.outlets, msg, deadline=None)
+
+    def _send_to(self, outlets: list[Outlet], msg: Message, deadline: float | None) -> bool:
+        """Send to one of ``outlets``, waiting for credit until ``deadline`` (None: until
+        it goes or the job stops); False if it did not go."""
         while not self._stop.is_set():
-            outlet = self._choose(msg)
+            outlet = self._choose(outlets, msg)
+            wait = POLL_S if deadline is None else min(POLL_S, max(0.0, deadline - time.monotonic()))
             try:
-                outlet.send(msg, timeout=POLL_S)
+                outlet.send(msg, timeout=wait)
                 return True
             except ChannelTimeout:
-                continue  # no credit yet: look at the stop flag, maybe pick another replica
+                # No credit yet: look at the stop flag and the deadline, maybe pick another replica.
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
         return False
 
-    def _choose(self, msg: Message) -> Outlet:
-        if len(self.outlets) == 1:
-            return self.outlets[0]
+    def _choose(self, outlets: list[Outlet], msg: Message) -> Outlet:
+        if len(outlets) == 1:
+            return outlets[0]
         if self.policy == "session":
-            return self.outlets[zlib.crc32(msg.session.encode()) % len(self.outlets)]
+            return outlets[zlib.crc32(msg.session.encode()) % len(outlets)]
         if self.policy == "least_loaded":
-            return max(self.outlets, key=lambda outlet: outlet.credits())
-        for _ in range(len(self.outlets)):
-            outlet = self.outlets[next(self._turn)]
+            return max(outlets, key=lambda outlet: outlet.credits())
+        turn = self._turns[id(outlets)]
+        for _ in range(len(outlets)):
+            outlet = outlets[next(turn)]
             if outlet.credits() > 0:
                 return outlet
-        return self.outlets[next(self._turn)]
+        return outlets[next(turn)]
 
 
 class StageRunner:
@@ -108,9 +156,13 @@ class StageRunner:
 
     def __init__(self, *, name: str, stage: Stage, inputs: list[Inlet], router: Router | None,
                  max_batch: int, batch_wait_ms: float, live: LiveView, metrics: StageMetrics,
-                 lifecycle: Lifecycle, publish_event: Callable[[Message], None]) -> None:
+                 lifecycle: Lifecycle, publish_event: Callable[[Message], None],
+                 availability: StageAvailability | None = None, stage_name: str | None = None) -> None:
         self.name = name
         self.stage = stage
+        self.availability = availability
+        """Where this stage's own ``unavailable()`` reason is published, under ``stage_name``."""
+        self.stage_name = stage_name or name
         self.inputs = list(inputs)
         self.router = router
         """None for a sink."""
@@ -141,6 +193,7 @@ class StageRunner:
     def _run(self) -> None:
         try:
             self.stage.setup()
+            self._publish_availability()
             self.ready.set()
             if self._source:
                 while not self.stop.is_set():
@@ -229,6 +282,7 @@ class StageRunner:
             return 0
         if fresh or outputs:
             self.metrics.record_batch(len(fresh), len(outputs), time.perf_counter() - start)
+        self._publish_availability()
         if self._source:
             # What a source makes is made under the live settings of now; downstream drops
             # anything older than the newest revision it knows.
@@ -243,6 +297,10 @@ class StageRunner:
             elif not self.router.send(out):
                 break  # stopping
         return len(outputs)
+
+    def _publish_availability(self) -> None:
+        if self.availability is not None:
+            self.availability.set_local(self.stage_name, self.stage.unavailable())
 
     def _warn_sink_output(self, msg: Message) -> None:
         if not self._sink_warned:

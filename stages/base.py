@@ -94,6 +94,13 @@ class Stage(ABC):
     def process(self, batch: list[Message]) -> list[Message]:
         """Turn one micro-batch of inputs into outputs (same order, maybe fewer)."""
 
+    def unavailable(self) -> str | None:
+        """Why this stage cannot serve right now (e.g. 'diffusion: no model configured'),
+        or None when it can. Read after ``setup`` and after every batch; while it says
+        why, the stage before it sends its frames to this stage's fallback, if the
+        pipeline names one (``StageSpec.fallback``)."""
+        return None
+
     def reject(self, msg: Message, code: str, message: str) -> None:
         """Drop ``msg``: log it and tell its session why (an ``error`` on the page).
         Returns None so a helper can ``return self.reject(...)``."""

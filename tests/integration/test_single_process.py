@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import re
 import urllib.request
 
 import pytest
@@ -156,3 +157,9 @@ def test_a_scene_cut_leaves_no_box_of_the_old_scene(runtime):
             assert face["face_id"] not in before, (v["frame_id"], face)
             assert max(iou(face["bbox"], g["box"]) for g in group) > 0.3, (v["frame_id"], face["bbox"])
     assert max(len(v["faces"]) for v in after) >= 5
+    # Each frame says what made it; /metrics counts it.
+    assert {v["generator"] for v in visions.values()} == {"stylenet"}
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{runtime.pieces.front.server.port}/metrics",
+                                     timeout=5).read().decode()
+    made = re.search(r'mindmirror_frames_by_generator_total\{generator="stylenet"\} (\d+)', metrics)
+    assert made and int(made.group(1)) == len(got.outputs), metrics

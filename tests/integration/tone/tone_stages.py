@@ -79,6 +79,10 @@ class GainConfig:
     gain: float = 1.0
     broken: bool = False
     """Fail in the constructor, as a stage with a bug would (for the unexpected-error test)."""
+    delay_ms: float = 0.0
+    """Sleep this long per batch, as a stage too slow for its input would (fallback tests)."""
+    unavailable: str | None = None
+    """Say this as the reason the stage cannot serve (fallback tests)."""
 
     def __post_init__(self) -> None:
         check_range(self.gain, "gain", 0.0, 100.0)
@@ -99,7 +103,12 @@ class Gain(Stage):
             self.table = {}["missing"]
 
     def process(self, batch: list[Message]) -> list[Message]:
-        return [m.derive(tensors=[m.tensors[0] * self.config.gain]).stamp("gain") for m in batch]
+        time.sleep(self.config.delay_ms / 1000.0)
+        return [m.derive(tensors=[m.tensors[0] * self.config.gain], meta={**m.meta, "gain_by": self.context.role})
+                .stamp("gain") for m in batch]
+
+    def unavailable(self) -> str | None:
+        return self.config.unavailable
 
 
 @dataclass(kw_only=True, slots=True)
@@ -134,7 +143,7 @@ class ToneSink(Stage):
             self.file.write(json.dumps({
                 "frame_id": msg.frame_id, "rank": self.context.rank, "samples": chunk.numel(),
                 "dtype": str(chunk.dtype), "max_error": float((chunk - expected).abs().max()),
-                "stages": [name for name, _ in msg.trace]}) + "\n")
+                "stages": [name for name, _ in msg.trace], "gain_by": msg.meta.get("gain_by")}) + "\n")
             self.file.flush()
         return []
 
