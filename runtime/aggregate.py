@@ -22,8 +22,11 @@ from runtime.session_queue import SessionQueue
 
 class Aggregator:
     def __init__(self, *, roles: dict[int, str], liveness: Callable[[], dict[int, tuple[bool, float]]],
-                 inbox: SessionQueue | None, live: LiveView, local_snapshot: Callable[[], dict]) -> None:
+                 inbox: SessionQueue | None, live: LiveView, local_snapshot: Callable[[], dict],
+                 unavailable: Callable[[], dict[str, str]] = dict) -> None:
         self.roles = roles
+        self._unavailable = unavailable
+        """Stages that say they cannot serve, and why (``runtime.availability``)."""
         self._local_snapshot = local_snapshot
         """The server rank's own stages and links, read fresh for every ``stats()``."""
         self._liveness = liveness
@@ -98,6 +101,7 @@ class Aggregator:
             "sessions": sessions,
             "delivered": delivered,
             "delivered_by_generator": by_generator,
+            "unavailable": self._unavailable(),
             "server_latency_ms": percentiles(self._server_latency.values()),
             "stages": stages,
             "hops": hops,

@@ -111,7 +111,7 @@ def assemble(part: RankPart, config: JobConfig, links: LinkEnds, live: LiveView,
         return {part.rank: (lifecycle.failure is None, 0.0), **(hub.liveness() if hub is not None else {})}
 
     if part.front_door is not None:
-        front = _front_end(part, config, live, hub, snapshot, liveness, health)
+        front = _front_end(part, config, live, hub, snapshot, liveness, health, availability)
 
     def publish_event(msg: Message) -> None:
         if front is not None:
@@ -131,10 +131,14 @@ def assemble_runners(part: RankPart, config: JobConfig, links: LinkEnds, pieces:
 
 def _front_end(part: RankPart, config: JobConfig, live: LiveView, hub: ControlHub | None,
                snapshot: Callable[[], dict], liveness: Callable[[], dict[int, tuple[bool, float]]],
-               health: Callable[[], dict]) -> FrontEnd:
+               health: Callable[[], dict], availability: StageAvailability) -> FrontEnd:
     inbox = SessionQueue("sessions", config.flow.session_queue_depth) if part.front_door.feeds else None
     roles = part.control.roles if part.control is not None else {part.rank: part.role}
-    aggregator = Aggregator(roles=roles, inbox=inbox, live=live, local_snapshot=snapshot, liveness=liveness)
+    def unavailable() -> dict[str, str]:
+        return {**availability.remote(), **availability.local()}
+
+    aggregator = Aggregator(roles=roles, inbox=inbox, live=live, local_snapshot=snapshot, liveness=liveness,
+                            unavailable=unavailable)
 
     def publish_config(revision: int, settings: RuntimeSettings) -> None:
         if hub is not None:

@@ -98,7 +98,7 @@ class FrontDoor:
             "revision": revision,
             "styles": list(STYLES),  # the page's style menu: it never offers a style the config refuses
             "presets": self.live_config.presets,
-            "status": {"ranks": stats["ranks"], "fps": stats["fps"]},
+            "status": {"ranks": stats["ranks"], "fps": stats["fps"], "unavailable": stats["unavailable"]},
         }
 
     # -- observability ---------------------------------------------------------------

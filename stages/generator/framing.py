@@ -13,6 +13,7 @@ centre, side and rotation. This module decides that window per frame and cuts it
   with the detector's box. Without landmarks, the box is used unrotated.
 * ``full_frame`` — with no face, the whole frame, letterboxed: a calm picture of the
   scene rather than an arbitrary crop of it.
+* ``FaceFollower`` — all of the above for one session, holding the face through short gaps.
 * ``FramingEaser`` — glides from the current window to the target with a time constant
   (exponential approach on the capture clock), so a new primary face, a face that comes
   or goes or a jittery box never makes the portrait jump.
@@ -47,6 +48,12 @@ class Framing:
     cy: float
     side: float
     angle: float = 0.0
+
+    def fits(self, width: int, height: int) -> bool:
+        """Whether the unrotated window lies inside a ``width`` x ``height`` frame (a held
+        framing may not, once the capture size changed)."""
+        half = self.side / 2.0
+        return half <= self.cx <= width - half and half <= self.cy <= height - half
 
     def box(self) -> list[int]:
         """The unrotated window as [x, y, w, h] (for reporting)."""
@@ -96,6 +103,36 @@ def face_framing(face: dict[str, Any], margin: float, drop: float, width: int, h
 def full_frame(width: int, height: int) -> Framing:
     """The whole frame, centred in a square (letterboxed)."""
     return Framing(cx=width / 2.0, cy=height / 2.0, side=float(max(width, height)))
+
+
+class FaceFollower:
+    """One session's portrait window: follows the primary face, keeps its framing and the
+    face itself through gaps shorter than ``hold_s`` (a missed detection does not zoom
+    out), then eases out to the whole frame."""
+
+    def __init__(self, *, margin: float, drop: float, hold_s: float, ease_s: float, min_quality: float) -> None:
+        self.margin, self.drop, self.hold_s, self.min_quality = margin, drop, hold_s, min_quality
+        self.easer = FramingEaser(ease_s)
+        self.face: dict[str, Any] | None = None
+        """The face followed (as last seen), or None."""
+        self._primary_id: Any = None
+        self._target: Framing | None = None
+        self._seen = 0.0
+
+    @property
+    def face_id(self) -> Any:
+        """The followed face's id, or None."""
+        return None if self.face is None else self._primary_id
+
+    def follow(self, faces: Sequence[dict[str, Any]], width: int, height: int, t: float) -> Framing:
+        """The window for a ``width`` x ``height`` frame captured at ``t`` seconds."""
+        face = choose_primary(faces, self._primary_id, self.min_quality)
+        if face is not None:
+            self._primary_id, self.face, self._seen = face.get("face_id"), face, t
+            self._target = face_framing(face, self.margin, self.drop, width, height)
+        elif self._target is None or t - self._seen > self.hold_s or not self._target.fits(width, height):
+            self._primary_id, self._target, self.face = None, None, None
+        return self.easer.step(self._target or full_frame(width, height), t)
 
 
 class FramingEaser:

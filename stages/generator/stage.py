@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,11 @@ from core.config import check, check_choice, check_range
 from core.settings import RuntimeSettings, RuntimeView
 from stages.base import Stage
 from stages.generator import lowfi, temporal
-from stages.generator.framing import Framing, FramingEaser, choose_primary, cut_out, face_framing, full_frame
+from stages.generator.framing import FaceFollower, Framing, cut_out
 from stages.generator.renderers import LowFiRenderer, Mood, StyleNetRenderer
-from stages.payloads import IMAGE_RGB
+from stages.payloads import IMAGE_RGB, describe_tensor, rgb_image
 from stages.registry import register_stage
+from stages.session_states import SessionStates
 
 MODELS = ("stylenet", "lowfi")
 """Renderers a generator can run: the learned style net, or the low-fi stylizer."""
@@ -90,12 +90,7 @@ class GeneratorConfig:
 
 @dataclass(slots=True)
 class _SessionState:
-    last_seen: float
-    easer: FramingEaser
-    primary_id: Any = None  # face_id the portrait follows
-    target: Framing | None = None  # framing of that face when it was last seen
-    face_seen: float = 0.0  # capture time (s) the primary face was last seen
-    mood: Mood | None = None  # its last mood, kept through face_hold_s
+    follower: FaceFollower
     clock: float | None = None  # capture time (s) of the last frame, for the animation
     phase: float = 0.0  # low-fi animation phase, radians
     previous: torch.Tensor | None = field(default=None)  # [3, S, S] float on the device
@@ -126,7 +121,12 @@ class GeneratorStage(Stage):
     emits = IMAGE_RGB
 
     def setup(self) -> None:
-        self._sessions: OrderedDict[str, _SessionState] = OrderedDict()
+        cfg = self.config
+        self._sessions = SessionStates(
+            lambda now: _SessionState(follower=FaceFollower(margin=cfg.face_margin, drop=cfg.face_drop,
+                                                            hold_s=cfg.face_hold_s, ease_s=cfg.ease_s,
+                                                            min_quality=cfg.min_face_quality)),
+            max_sessions=cfg.max_sessions_state, idle_s=cfg.session_idle_s, log=self.log, what="temporal state")
         device = self.context.device
         weights = None if self.config.weights is None else Path(self.config.weights)
         self.renderer = (StyleNetRenderer(device, weights, self.config.net_side) if self.config.model == "stylenet"
@@ -145,7 +145,7 @@ class GeneratorStage(Stage):
         view = self.context.runtime()
         settings = view.settings
         now = time.monotonic()
-        self._evict(now)
+        self._sessions.evict_idle(now)
 
         items = [item for msg in batch if (item := self._prepare(msg, settings, now)) is not None]
         if not items:
@@ -155,7 +155,7 @@ class GeneratorStage(Stage):
         outputs = []
         # Sequential so two frames of one session in a batch smooth into each other.
         for i, it in enumerate(items):
-            state = self._state(it.msg.session, now)
+            state = self._sessions.get(it.msg.session, now)
             frame = temporal.smooth(styled[i], state.previous, settings.smoothing)
             # styled[i] is a view of the whole batch: keeping it would pin max_batch frames
             # per session; without smoothing nothing needs keeping at all.
@@ -172,29 +172,16 @@ class GeneratorStage(Stage):
 
     def _prepare(self, msg: Message, settings: RuntimeSettings, now: float) -> _Item | None:
         """Frame, cut out and choose the mood of one frame; None (and an event) if unusable."""
-        frame = msg.tensors[0] if msg.tensors else None
-        if frame is None or frame.dim() != 3 or frame.shape[2] != 3 or frame.dtype != torch.uint8 \
-                or frame.shape[0] < 2 or frame.shape[1] < 2:
-            shape = None if frame is None else (tuple(frame.shape), str(frame.dtype))
-            self.log.warning("session %s frame %d: not an RGB uint8 HWC frame: %s", msg.session, msg.frame_id, shape)
-            return self.reject(msg, "bad_frame", "generator got no image")
+        frame = rgb_image(msg)
+        if frame is None:
+            return self.reject(msg, "bad_frame", f"generator got no RGB uint8 H x W x 3 image: {describe_tensor(msg)}")
         height, width = int(frame.shape[0]), int(frame.shape[1])
-        state = self._state(msg.session, now)
+        state = self._sessions.get(msg.session, now)
         # The capture clock drives easing and animation, so motion follows the camera's
         # timing and not queueing jitter; frames without one fall back to wall time.
         t = msg.capture_ts / 1000.0 if msg.capture_ts > 0 else time.time()
-        face = choose_primary(msg.meta.get("faces") or [], state.primary_id, self.config.min_face_quality)
-        if face is not None:
-            state.primary_id = face.get("face_id")
-            state.target = face_framing(face, self.config.face_margin, self.config.face_drop, width, height)
-            state.face_seen = t
-            state.mood = self._mood_of(face)
-        elif state.target is None or t - state.face_seen > self.config.face_hold_s \
-                or not _fits(state.target, width, height):
-            state.primary_id, state.target, state.mood = None, None, None
-        framing = state.easer.step(state.target or full_frame(width, height), t)
-        mood = state.mood or Mood(emotion="neutral", confidence=self.config.fallback_confidence,
-                                  probs={"neutral": 1.0}, phase=0.0)
+        framing = state.follower.follow(msg.meta.get("faces") or [], width, height, t)
+        mood = self._mood_of(state.follower.face)
         if isinstance(self.renderer, LowFiRenderer):
             # The phase is integrated per session: the speed changes with every confidence
             # wobble, and speed x absolute time would then jump around instead of flowing.
@@ -204,35 +191,16 @@ class GeneratorStage(Stage):
         state.clock = t
         mood = Mood(emotion=mood.emotion, confidence=mood.confidence, probs=mood.probs, phase=state.phase)
         crop = cut_out(frame.to(self.context.device, non_blocking=True), framing, settings.output_size)
-        face_id = None if face is None and state.target is None else state.primary_id
-        return _Item(msg=msg, crop=crop, framing=framing, mood=mood, face_id=face_id)
+        return _Item(msg=msg, crop=crop, framing=framing, mood=mood, face_id=state.follower.face_id)
 
-    def _mood_of(self, face: dict[str, Any]) -> Mood:
+    def _mood_of(self, face: dict[str, Any] | None) -> Mood:
+        if face is None:
+            return Mood(emotion="neutral", confidence=self.config.fallback_confidence, probs={"neutral": 1.0},
+                        phase=0.0)
         label = str(face.get("emotion") or "neutral")
         probs = {str(k): float(v) for k, v in (face.get("emotion_probs") or {}).items()}
         confidence = probs.get(label, self.config.fallback_confidence)
         return Mood(emotion=label, confidence=float(confidence), probs=probs or {label: 1.0}, phase=0.0)
-
-    def _state(self, session: str, now: float) -> _SessionState:
-        state = self._sessions.get(session)
-        if state is None:
-            state = self._sessions[session] = _SessionState(last_seen=now, easer=FramingEaser(self.config.ease_s))
-        else:
-            state.last_seen = now
-            self._sessions.move_to_end(session)
-        while len(self._sessions) > self.config.max_sessions_state:
-            dropped, _ = self._sessions.popitem(last=False)
-            self.log.debug("dropped temporal state of session %s (over max_sessions_state)", dropped)
-        return state
-
-    def _evict(self, now: float) -> None:
-        # The LRU order is also last-seen order, so idle sessions sit at the front.
-        while self._sessions:
-            session, state = next(iter(self._sessions.items()))
-            if now - state.last_seen < self.config.session_idle_s:
-                break
-            del self._sessions[session]
-            self.log.debug("dropped temporal state of idle session %s", session)
 
     def _emit(self, it: _Item, portrait: torch.Tensor, view: RuntimeView, settings: RuntimeSettings,
               started: float) -> Message:
@@ -254,10 +222,3 @@ class GeneratorStage(Stage):
     def sessions_tracked(self) -> int:
         """How many sessions currently hold temporal state."""
         return len(self._sessions)
-
-
-def _fits(framing: Framing, width: int, height: int) -> bool:
-    """Whether a held framing still lies inside a ``width`` x ``height`` frame (the capture
-    size can change between frames)."""
-    half = framing.side / 2.0
-    return half <= framing.cx <= width - half and half <= framing.cy <= height - half

@@ -20,8 +20,9 @@ transpose into the conv kernels. facenet-pytorch still flattened the last conv m
 dense layer's input columns instead, so these modules flatten plainly in (C, H, W) order.
 
 The networks are returned in channels_last memory format and run fastest on channels_last
-input (which ``stages.vision.mtcnn`` builds). Heads return probabilities (softmax over the two face logits; index 1 is "face") and
-offsets as fractions of the input window's side, exactly as the reference does.
+input (which ``stages.vision.mtcnn`` builds). Heads return probabilities (softmax over
+the two face logits; index 1 is "face") and offsets as fractions of the input window's
+side, exactly as the reference does.
 """
 
 from __future__ import annotations

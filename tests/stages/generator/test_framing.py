@@ -127,3 +127,9 @@ def test_cut_out_shrinks_large_windows_without_aliasing():
 def test_cut_out_outside_the_frame_is_black():
     image = torch.full((H, W, 3), 255, dtype=torch.uint8)
     assert cut_out(image, Framing(-500, -500, 100), 16).max() == 0.0
+
+
+def test_a_window_knows_whether_it_fits_a_frame():
+    window = Framing(100, 100, 80)
+    assert window.fits(640, 480) and window.fits(140, 140)
+    assert not window.fits(120, 480)  # the capture shrank under a held framing

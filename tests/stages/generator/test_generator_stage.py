@@ -186,9 +186,10 @@ def test_idle_and_excess_sessions_are_evicted(frame):
     h = Harness(max_sessions_state=2, session_idle_s=60.0)
     h.stage.process([analyzed(frame, s, faces=[]) for s in ("a", "b", "c")])
     assert h.stage.sessions_tracked == 2
-    h.stage.config.session_idle_s = 1e-9
-    h.stage.process([analyzed(frame, "d", faces=[])])
-    assert h.stage.sessions_tracked == 1
+    idle = Harness(session_idle_s=1e-9)
+    idle.stage.process([analyzed(frame, s, faces=[]) for s in ("a", "b")])
+    idle.stage.process([analyzed(frame, "d", faces=[])])
+    assert idle.stage.sessions_tracked == 1
 
 
 def test_bad_frame_publishes_event(frame):
