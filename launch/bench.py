@@ -4,9 +4,9 @@
     python launch/bench.py --quick --out /tmp/b    # smoke run: proves every figure is produced
     python launch/bench.py --sections transport,gpu --rounds 9 --set messages=500
 
-Sections (runtime/bench/, in this order): pipeline, synthetic, transport, models, gpu. A section
-that cannot be imported for lack of an optional third-party package is skipped with the
-reason; one that fails to import otherwise (a first-party module missing included), or
+Sections (runtime/bench/, in this order): pipeline, synthetic, transport, models, diffusion,
+gpu. A section that cannot be imported for lack of an optional third-party package is
+skipped with the reason; one that fails to import otherwise (a first-party module missing included), or
 raises, is recorded as failed (traceback in bench.log) and the others still run. Exit
 code 1 when a section failed; a section skipped for a stated reason (e.g. no CUDA device)
 is not a failure.

@@ -205,7 +205,8 @@ class PipelineConfig:
             if spec.fallback is None:
                 continue
             where = f"stages[{i}].fallback"
-            if not check(spec.fallback in names, where, f"no stage named {spec.fallback!r}; stages: {', '.join(names)}"):
+            if not check(spec.fallback in names, where,
+                         f"no stage named {spec.fallback!r}; stages: {', '.join(names)}"):
                 continue
             check(spec.fallback not in served, where, f"{spec.fallback!r} is already the fallback of "
                                                       f"{served.get(spec.fallback)!r}; a fallback serves one stage")

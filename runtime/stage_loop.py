@@ -86,7 +86,10 @@ class Router:
     its replicas) when the next stage says it cannot serve, or when none of its
     replicas had a credit free within ``wait_s``: the frame is served late-but-cheap
     instead of queueing behind a saturated stage or being dropped by one that cannot
-    serve. Diversions are counted in ``metrics`` by reason.
+    serve. Only the first frame of a saturation waits: until a credit of the next stage
+    is free again, the frames after it divert at once, so the stream keeps the
+    fallback's pace instead of one frame per ``wait_s``. Diversions are counted in
+    ``metrics`` by reason.
     """
 
     def __init__(self, outlets: list[Outlet], policy: str, stop: threading.Event, fallback: Fallback | None = None,
@@ -102,6 +105,8 @@ class Router:
         self.fallback = fallback
         self.metrics = metrics
         self._stop = stop
+        self._saturated = False
+        """The last output was diverted because the next stage had no credit."""
         self._turns = {id(outlets): itertools.cycle(range(len(outlets)))}
         if fallback is not None:
             self._turns[id(fallback.outlets)] = itertools.cycle(range(len(fallback.outlets)))
@@ -113,8 +118,12 @@ class Router:
             return self._send_to(self.outlets, msg, deadline=None)
         if self.fallback.availability.reason(self.fallback.stage) is not None:
             return self._divert(msg, "unavailable")
-        sent = self._send_to(self.outlets, msg, deadline=time.monotonic() + self.fallback.wait_s)
-        return True if sent else (not self._stop.is_set() and self._divert(msg, "saturated"))
+        wait = 0.0 if self._saturated else self.fallback.wait_s  # still saturated: do not wait again
+        if self._send_to(self.outlets, msg, deadline=time.monotonic() + wait):
+            self._saturated = False
+            return True
+        self._saturated = True
+        return not self._stop.is_set() and self._divert(msg, "saturated")
 
     def _divert(self, msg: Message, why: str) -> bool:
         if self.metrics is not None:

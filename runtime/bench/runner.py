@@ -24,6 +24,7 @@ SECTION_MODULES = {
     "synthetic": "runtime.bench.synthetic",
     "transport": "runtime.bench.transport",
     "models": "runtime.bench.models",
+    "diffusion": "runtime.bench.diffusion",
     "gpu": "runtime.bench.gpu",
 }
 FAILED = "failed: "

@@ -62,7 +62,8 @@ def test_the_fallback_is_beside_its_stage_not_in_the_chain():
 @pytest.mark.parametrize("stages, problem", [
     (chain(fallback="nothing"), r"stages\[1\]\.fallback: no stage named 'nothing'"),
     (chain(fallback="heavy"), r"stages\[1\]\.fallback: must name another stage, not 'heavy' itself"),
-    (chain(fallback="light", fallback_after_ms=5000), r"stages\[1\]\.fallback_after_ms: must be within 0\.\.1000, got 5000"),
+    (chain(fallback="light", fallback_after_ms=5000),
+     r"stages\[1\]\.fallback_after_ms: must be within 0\.\.1000, got 5000"),
     ([{"name": "src", "kind": "fb_source", "fallback": "light"}, {"name": "light", "kind": "fb_filter"},
       {"name": "sink", "kind": "fb_sink", "placement": "server"}],
      r"only a stage between two others can have a fallback"),
@@ -150,6 +151,21 @@ def test_a_wait_lets_a_slow_stage_catch_up_before_diverting():
     started = time.monotonic()
     assert r.send(msg(2))  # nobody takes frame 1: after 0.5 s frame 2 goes to the fallback
     assert time.monotonic() - started >= 0.45 and drain(light) == [2]
+
+
+def test_only_the_first_frame_of_a_saturation_waits():
+    r, heavy, light, _, _ = router(primary_capacity=1, wait_s=0.3)
+    assert r.send(msg(0))  # takes the only credit; nobody reads it yet
+    started = time.monotonic()
+    r.send(msg(1))
+    assert time.monotonic() - started >= 0.25  # waited for the stage, then diverted
+    started = time.monotonic()
+    r.send(msg(2))
+    r.send(msg(3))
+    assert time.monotonic() - started < 0.2  # still saturated: straight to the fallback
+    assert drain(light) == [1, 2, 3] and drain(heavy) == [0]  # the stage frees its credit
+    r.send(msg(4))
+    assert drain(heavy) == [4]  # and gets frames again
 
 
 def test_an_unavailable_stage_gets_nothing_until_it_recovers():

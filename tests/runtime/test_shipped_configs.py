@@ -9,16 +9,19 @@ from runtime.config import load_config
 from runtime.planner import plan
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+LAYOUT = {"local.yaml": (1, 1), "mirror-2node.yaml": (8, 2), "mirror-diffusion.yaml": (8, 2)}
+"""(world size, nodes) each config is written for (its header comment); others: 3 ranks, 1 node."""
 
 
 def test_configs_are_found():
-    assert {p.name for p in CONFIGS} >= {"local.yaml", "mirror.yaml", "mirror-lowfi.yaml", "mirror-2node.yaml"}
+    assert {p.name for p in CONFIGS} >= {"local.yaml", "mirror.yaml", "mirror-lowfi.yaml", "mirror-2node.yaml",
+                                         "mirror-diffusion.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_config_loads_and_plans(path):
     config = load_config(path, {})
-    world, nnodes = (8, 2) if "2node" in path.name else (1 if path.name == "local.yaml" else 3, 1)
+    world, nnodes = LAYOUT.get(path.name, (3, 1))
     layout = plan(config.pipeline, world, nnodes=nnodes, gpus_per_node=0, transport=config.transport)
     for rank in range(world):
         compose(layout, rank, config)

@@ -7,8 +7,14 @@ import math
 import pytest
 import torch
 
-from stages.generator.framing import (Framing, FramingEaser, choose_primary, cut_out, face_framing,
-                                      full_frame)
+from stages.generator.framing import (
+    Framing,
+    FramingEaser,
+    choose_primary,
+    cut_out,
+    face_framing,
+    full_frame,
+)
 
 W, H = 640, 480
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import pytest
+from vision_testutil import FIXTURES
 
 from stages.vision.scene_cut import cut_score, is_cut, thumbnail
 from stages.vision.tracker import FaceTracker, Track, iou
-from vision_testutil import FIXTURES
 
 SIZE = (640, 480)
 
