@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from stages.generator.framing import (
+    FaceFollower,
     Framing,
     FramingEaser,
     choose_primary,
@@ -139,3 +140,17 @@ def test_a_window_knows_whether_it_fits_a_frame():
     window = Framing(100, 100, 80)
     assert window.fits(640, 480) and window.fits(140, 140)
     assert not window.fits(120, 480)  # the capture shrank under a held framing
+
+
+def test_the_follower_holds_a_face_through_a_short_gap_then_lets_go():
+    follower = FaceFollower(margin=0.5, drop=0.0, hold_s=0.3, ease_s=0.0, min_quality=0.0)
+    seen = follower.follow([face(4, 270, 190, 100)], W, H, t=10.0)
+    assert follower.face_id == 4 and seen.side < H
+    held = follower.follow([], W, H, t=10.2)  # a missed detection: same window, same face
+    assert held == seen and follower.face_id == 4
+    gone = follower.follow([], W, H, t=10.5)  # longer than hold_s: the whole frame
+    assert gone == full_frame(W, H) and follower.face is None and follower.face_id is None
+    smaller = follower.follow([face(4, 100, 100, 100)], 320, 240, t=10.6)
+    # The capture shrank: the held window no longer fits, so it is let go at once.
+    assert follower.follow([], 200, 150, t=10.7) == full_frame(200, 150)
+    assert smaller.side <= 240
