@@ -11,7 +11,8 @@ Three groups of fields:
 * the regeneration budget — the similarity filter and the per-session token bucket
   decide when a frame is rendered and when the previous portrait is shown again;
 
-plus the framing options the generator has (the same face, the same window).
+plus the framing options every portrait stage has (``PortraitConfig``: the same face,
+the same window as the generator).
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.config import check, check_choice, check_range
+from stages.generator.framing import PortraitConfig
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 """'auto' is float16 on CUDA and float32 on a CPU (half precision is slow there)."""
 
 
 @dataclass(kw_only=True, slots=True)
-class DiffusionConfig:
+class DiffusionConfig(PortraitConfig):
     model_path: str | None = None
     """A diffusers-format model directory (``model_index.json`` plus unet/, vae/,
     text_encoder/, tokenizer/, scheduler/; SDXL models also text_encoder_2/, tokenizer_2/),
@@ -78,24 +80,6 @@ class DiffusionConfig:
     channels_last: bool = True
     """Run the UNet and autoencoder in channels-last memory format (faster convolutions
     on tensor cores)."""
-    face_margin: float = 0.45
-    """Context kept around the face on each side, as a fraction of the face size (0..3)."""
-    face_drop: float = 0.06
-    """Window centre moved down the face by this fraction of its size, to show the chin."""
-    min_face_quality: float = 0.0
-    """Faces whose ``quality`` is below this are ignored (the frame counts as no-face)."""
-    fallback_confidence: float = 0.5
-    """Emotion confidence used when there is no face or the face has no probabilities."""
-    face_hold_s: float = 0.3
-    """After the primary face disappears, its framing and mood are kept this long."""
-    ease_s: float = 0.25
-    """Time constant of the window's glide toward its target, in seconds (0 = no easing)."""
-    max_sessions_state: int = 32
-    """Sessions whose state (last portrait, window, bucket) is kept; the least recently
-    seen is dropped beyond."""
-    session_idle_s: float = 30.0
-    """A session unseen for this long loses its state."""
-
     def __post_init__(self) -> None:
         for name in ("model_path", "tiny_autoencoder_path", "variant"):
             value = getattr(self, name)
@@ -116,11 +100,4 @@ class DiffusionConfig:
         check_range(self.regen_rate, "regen_rate", 0.0, 1000.0)
         check(self.regen_burst >= 1, "regen_burst", f"must be >= 1, got {self.regen_burst}")
         check(self.prompt_cache_size >= 1, "prompt_cache_size", f"must be >= 1, got {self.prompt_cache_size}")
-        check_range(self.face_margin, "face_margin", 0.0, 3.0)
-        check_range(self.face_drop, "face_drop", -1.0, 1.0)
-        check_range(self.min_face_quality, "min_face_quality", 0.0, 1.0)
-        check_range(self.fallback_confidence, "fallback_confidence", 0.0, 1.0)
-        check_range(self.face_hold_s, "face_hold_s", 0.0, 10.0)
-        check_range(self.ease_s, "ease_s", 0.0, 5.0)
-        check(self.max_sessions_state >= 1, "max_sessions_state", f"must be >= 1, got {self.max_sessions_state}")
-        check(self.session_idle_s > 0.0, "session_idle_s", f"must be > 0, got {self.session_idle_s}")
+        self.check_portrait()

@@ -104,8 +104,7 @@ class DiffusionStage(Stage):
         self._reason: str | None = NOT_SET_UP
         self._sessions = SessionStates(
             lambda now: _SessionState(
-                follower=FaceFollower(margin=config.face_margin, drop=config.face_drop, hold_s=config.face_hold_s,
-                                      ease_s=config.ease_s, min_quality=config.min_face_quality),
+                follower=FaceFollower.from_config(config),
                 bucket=TokenBucket.full(config.regen_rate, config.regen_burst, now)),
             max_sessions=config.max_sessions_state, idle_s=config.session_idle_s, log=self.log)
         self.loop: RealtimeImg2Img | None = None

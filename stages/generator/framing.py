@@ -13,7 +13,9 @@ centre, side and rotation. This module decides that window per frame and cuts it
   with the detector's box. Without landmarks, the box is used unrotated.
 * ``full_frame`` — with no face, the whole frame, letterboxed: a calm picture of the
   scene rather than an arbitrary crop of it.
-* ``FaceFollower`` — all of the above for one session, holding the face through short gaps.
+* ``FaceFollower`` — all of the above for one session, holding the face through short gaps;
+  ``PortraitConfig`` holds its settings (and per-session state bounds) for every portrait
+  stage's config section.
 * ``FramingEaser`` — glides from the current window to the target with a time constant
   (exponential approach on the capture clock), so a new primary face, a face that comes
   or goes or a jittery box never makes the portrait jump.
@@ -29,6 +31,44 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from core.config import check, check_range
+
+
+@dataclass(kw_only=True, slots=True)
+class PortraitConfig:
+    """The fields every portrait stage shares (generator, diffusion): how it frames the
+    face and how long it keeps per-session state. Stage configs extend it and call
+    ``check_portrait`` from their ``__post_init__``."""
+
+    face_margin: float = 0.45
+    """Context kept around the face on each side, as a fraction of the face size (0..3)."""
+    face_drop: float = 0.06
+    """Window centre moved down the face by this fraction of its size, to show the chin."""
+    min_face_quality: float = 0.0
+    """Faces whose ``quality`` is below this are ignored (the frame counts as no-face)."""
+    fallback_confidence: float = 0.5
+    """Emotion confidence used when there is no face or the face has no probabilities."""
+    face_hold_s: float = 0.3
+    """After the primary face disappears, its framing and mood are kept this long before
+    the portrait eases out to the whole frame (a missed frame or a blink does not zoom out)."""
+    ease_s: float = 0.25
+    """Time constant of the window's glide toward its target, in seconds (0 = no easing)."""
+    max_sessions_state: int = 32
+    """Sessions whose state is kept; the least recently seen is dropped beyond."""
+    session_idle_s: float = 30.0
+    """A session unseen for this long loses its state."""
+
+    def check_portrait(self) -> None:
+        check_range(self.face_margin, "face_margin", 0.0, 3.0)
+        check_range(self.face_drop, "face_drop", -1.0, 1.0)
+        check_range(self.min_face_quality, "min_face_quality", 0.0, 1.0)
+        check_range(self.fallback_confidence, "fallback_confidence", 0.0, 1.0)
+        check_range(self.face_hold_s, "face_hold_s", 0.0, 10.0)
+        check_range(self.ease_s, "ease_s", 0.0, 5.0)
+        check(self.max_sessions_state >= 1, "max_sessions_state", f"must be >= 1, got {self.max_sessions_state}")
+        check(self.session_idle_s > 0.0, "session_idle_s", f"must be > 0, got {self.session_idle_s}")
+
 
 EYE_WIDTHS_PER_FACE = 2.2
 """Face width (ear to ear at eye height) in inter-ocular distances, for typical adults."""
@@ -109,6 +149,11 @@ class FaceFollower:
     """One session's portrait window: follows the primary face, keeps its framing and the
     face itself through gaps shorter than ``hold_s`` (a missed detection does not zoom
     out), then eases out to the whole frame."""
+
+    @classmethod
+    def from_config(cls, config: PortraitConfig) -> "FaceFollower":
+        return cls(margin=config.face_margin, drop=config.face_drop, hold_s=config.face_hold_s,
+                   ease_s=config.ease_s, min_quality=config.min_face_quality)
 
     def __init__(self, *, margin: float, drop: float, hold_s: float, ease_s: float, min_quality: float) -> None:
         self.margin, self.drop, self.hold_s, self.min_quality = margin, drop, hold_s, min_quality

@@ -25,7 +25,7 @@ from core.config import check, check_choice, check_range
 from core.settings import RuntimeSettings, RuntimeView
 from stages.base import Stage
 from stages.generator import lowfi, temporal
-from stages.generator.framing import FaceFollower, Framing, cut_out
+from stages.generator.framing import FaceFollower, Framing, PortraitConfig, cut_out
 from stages.generator.renderers import LowFiRenderer, Mood, StyleNetRenderer
 from stages.payloads import IMAGE_RGB, describe_tensor, rgb_image
 from stages.registry import register_stage
@@ -40,7 +40,7 @@ or reordered stream resumes where it was instead of skipping ahead or backwards)
 
 
 @dataclass(kw_only=True, slots=True)
-class GeneratorConfig:
+class GeneratorConfig(PortraitConfig):
     model: str = "stylenet"
     """Renderer: 'stylenet' (Magenta's 26-style network, shipped weights) or 'lowfi'
     (palette and warp effects, no network: the cheap fallback)."""
@@ -50,42 +50,16 @@ class GeneratorConfig:
     """Side the style net runs at (64..1024), resized to the live ``output_size``; null
     means ``output_size`` on a GPU and at most 192 on a CPU (one core: ~25 ms at 192,
     ~46 ms at 256, ~61 ms at 320). Its cost grows with the square of the side."""
-    face_margin: float = 0.45
-    """Context kept around the face on each side, as a fraction of the face size (0..3)."""
-    face_drop: float = 0.06
-    """Window centre moved down the face by this fraction of its size, to show the chin."""
-    min_face_quality: float = 0.0
-    """Faces whose ``quality`` is below this are ignored (the frame counts as no-face)."""
-    fallback_confidence: float = 0.5
-    """Emotion confidence used when there is no face or the face has no probabilities."""
-    face_hold_s: float = 0.3
-    """After the primary face disappears, its framing and mood are kept this long before
-    the portrait eases out to the whole frame (a missed frame or a blink does not zoom out)."""
-    ease_s: float = 0.25
-    """Time constant of the window's glide toward its target, in seconds (0 = no easing)."""
     animation_hz: float = 0.5
     """Base animation frequency of the low-fi warps; each emotion runs at a multiple of it."""
-    max_sessions_state: int = 32
-    """Sessions whose temporal state is kept; the least recently seen is dropped beyond."""
-    session_idle_s: float = 30.0
-    """A session unseen for this long loses its temporal state."""
-
     def __post_init__(self) -> None:
         check_choice(self.model, "model", MODELS)
         check(self.weights is None or bool(self.weights.strip()), "weights",
               "must be a file path or null (the shipped weights), got an empty string")
         if self.net_side is not None:
             check_range(self.net_side, "net_side", 64, 1024)
-        check_range(self.face_margin, "face_margin", 0.0, 3.0)
-        check_range(self.face_drop, "face_drop", -1.0, 1.0)
-        check_range(self.min_face_quality, "min_face_quality", 0.0, 1.0)
-        check_range(self.fallback_confidence, "fallback_confidence", 0.0, 1.0)
-        check_range(self.face_hold_s, "face_hold_s", 0.0, 10.0)
-        check_range(self.ease_s, "ease_s", 0.0, 5.0)
+        self.check_portrait()
         check_range(self.animation_hz, "animation_hz", 0.0, 10.0)
-        check(self.max_sessions_state >= 1, "max_sessions_state",
-              f"must be >= 1, got {self.max_sessions_state}")
-        check(self.session_idle_s > 0.0, "session_idle_s", f"must be > 0, got {self.session_idle_s}")
 
 
 @dataclass(slots=True)
@@ -123,9 +97,7 @@ class GeneratorStage(Stage):
     def setup(self) -> None:
         cfg = self.config
         self._sessions = SessionStates(
-            lambda now: _SessionState(follower=FaceFollower(margin=cfg.face_margin, drop=cfg.face_drop,
-                                                            hold_s=cfg.face_hold_s, ease_s=cfg.ease_s,
-                                                            min_quality=cfg.min_face_quality)),
+            lambda now: _SessionState(follower=FaceFollower.from_config(cfg)),
             max_sessions=cfg.max_sessions_state, idle_s=cfg.session_idle_s, log=self.log, what="temporal state")
         device = self.context.device
         weights = None if self.config.weights is None else Path(self.config.weights)
