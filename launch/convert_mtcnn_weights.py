@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from stages.vision.mtcnn_nets import NETWORKS, check_state_dict
+from stages.vision.mtcnn_nets import NETWORKS
+from stages.weights import load_state
 
 log = logging.getLogger("convert_mtcnn_weights")
 
@@ -78,7 +79,7 @@ def convert(sources: dict[str, bytes]) -> dict[str, dict[str, torch.Tensor]]:
                 raise ValueError(f"{name}.{dense}: column permutation does not reproduce the reference")
             state[f"{dense}.weight"] = converted
         # Strict load proves every parameter of our network came from the file.
-        check_state_dict(name, state, Path(name))
+        load_state(NETWORKS[name](), state, f"converted {name}")
         out[name] = state
     return out
 

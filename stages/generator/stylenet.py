@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stages.weights import load_state, read_weights
+
 STYLE_COUNT = 26
 """Styles the network was trained on; the length of a style-weight row."""
 
@@ -149,38 +151,8 @@ class StyleNet(nn.Module):
 
 
 def load_style_net(path: str | Path | None = None, device: torch.device | str = "cpu") -> StyleNet:
-    """Build the network, load converted weights from ``path`` and return it in eval mode.
-
-    ``path`` defaults to the shipped weights. Raises ``FileNotFoundError`` when the file
-    is missing and ``ValueError`` naming the file when it is not a state_dict of this
-    network (unreadable, missing or unexpected keys, wrong shapes, non-finite values).
-    """
+    """Build the network, load converted weights from ``path`` (default: the shipped ones)
+    and return it in eval mode; errors name the file (``stages.weights``)."""
     path = Path(DEFAULT_WEIGHTS if path is None else path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"style net weights not found: {path} (convert them with launch/convert_style_weights.py)")
-    try:
-        # weights_only: the file holds plain tensors, so refuse anything that would run code.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt files; name the file once
-        raise ValueError(f"style net weights {path}: not a readable torch state_dict ({e})") from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"style net weights {path}: expected a dict of tensors, got {type(state).__name__}")
-
-    model = StyleNet()
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"style net weights {path}: keys do not match StyleNet; "
-                         f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    for key, tensor in expected.items():
-        if state[key].shape != tensor.shape:
-            raise ValueError(f"style net weights {path}: {key} has shape {tuple(state[key].shape)}, "
-                             f"expected {tuple(tensor.shape)}")
-        if not torch.isfinite(state[key]).all():
-            raise ValueError(f"style net weights {path}: {key} holds NaN or infinite values")
-    model.load_state_dict(state)
-    model.eval().requires_grad_(False)
-    return model.to(device)
+    state = read_weights(path, "style net weights", "launch/convert_style_weights.py")
+    return load_state(StyleNet(), state, f"style net weights {path}").to(device)

@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stages.weights import load_state, read_weights
+
 WEIGHTS_DESCRIPTION = "MTCNN weights"
 
 
@@ -118,27 +120,6 @@ NETWORKS: dict[str, type[nn.Module]] = {"pnet": PNet, "rnet": RNet, "onet": ONet
 """Key in the weights file -> network class."""
 
 
-def check_state_dict(name: str, state: object, path: Path) -> nn.Module:
-    """Build network ``name``, load ``state`` strictly and return it; ValueError naming ``path`` if unfit."""
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{WEIGHTS_DESCRIPTION} {path}: '{name}' is not a dict of tensors")
-    model = NETWORKS[name]()
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{WEIGHTS_DESCRIPTION} {path}: '{name}' keys do not match {type(model).__name__}; "
-                         f"missing {missing}, unexpected {unexpected}")
-    for key, tensor in expected.items():
-        if state[key].shape != tensor.shape:
-            raise ValueError(f"{WEIGHTS_DESCRIPTION} {path}: {name}.{key} has shape {tuple(state[key].shape)}, "
-                             f"expected {tuple(tensor.shape)}")
-        if not torch.isfinite(state[key]).all():
-            raise ValueError(f"{WEIGHTS_DESCRIPTION} {path}: {name}.{key} holds NaN or infinite values")
-    model.load_state_dict(state)
-    return model
-
-
 def load_mtcnn_nets(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, nn.Module, nn.Module]:
     """Load the converted weights file and return (PNet, RNet, ONet) in eval mode on ``device``.
 
@@ -146,21 +127,14 @@ def load_mtcnn_nets(path: Path, device: torch.device | str = "cpu") -> tuple[nn.
     when it is not the expected ``{"pnet": ..., "rnet": ..., "onet": ...}`` of state dicts.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{WEIGHTS_DESCRIPTION} not found: {path} (convert them with launch/convert_mtcnn_weights.py)")
-    try:
-        # weights_only: the file holds plain tensors, so refuse anything that would run code.
-        bundle = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt files; name the file once
-        raise ValueError(f"{WEIGHTS_DESCRIPTION} {path}: not a readable torch file ({e})") from e
+    bundle = read_weights(path, WEIGHTS_DESCRIPTION, "launch/convert_mtcnn_weights.py")
     if not isinstance(bundle, dict) or set(bundle) != set(NETWORKS):
         got = sorted(bundle) if isinstance(bundle, dict) else type(bundle).__name__
         raise ValueError(f"{WEIGHTS_DESCRIPTION} {path}: expected a dict with keys {sorted(NETWORKS)}, got {got}")
 
     def ready(name: str) -> nn.Module:
         # channels_last: on CPU, max pooling NHWC is ~10x faster than NCHW and the convs gain too.
-        model = check_state_dict(name, bundle[name], path).eval().requires_grad_(False)
+        model = load_state(NETWORKS[name](), bundle[name], f"{WEIGHTS_DESCRIPTION} {path}: {name}")
         return model.to(device, memory_format=torch.channels_last)
 
     return ready("pnet"), ready("rnet"), ready("onet")
