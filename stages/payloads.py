@@ -4,6 +4,8 @@ declared next to them; the two at the browser's ends are the server's
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from comms.message import Message
@@ -22,6 +24,13 @@ def rgb_image(msg: Message) -> torch.Tensor | None:
             or image.shape[0] < 2 or image.shape[1] < 2:
         return None
     return image
+
+
+def capture_seconds(msg: Message) -> float:
+    """When ``msg``'s frame was captured, in seconds on the camera's clock: easing and
+    animation follow it, so motion follows the camera and not queueing jitter. Frames
+    without a capture time fall back to wall time."""
+    return msg.capture_ts / 1000.0 if msg.capture_ts > 0 else time.time()
 
 
 def describe_tensor(msg: Message) -> str:

@@ -31,6 +31,7 @@ from comms.message import Kind, Message
 from runtime.bench.results import Target
 from runtime.bench.stage_harness import ASTRONAUT, GROUP, stage_context
 from stages.vision import VisionConfig, VisionStage
+from stages.vision.tracker import iou
 
 FIXTURES = ASTRONAUT.parent
 ASTRONAUT_FACE = (221.0, 83.0, 119.0, 119.0)
@@ -46,13 +47,6 @@ class StreamResult:
     """Known faces found, per frame."""
     false_positives: int
     face_ids: set[int]
-
-
-def _iou(a, b) -> float:
-    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
 
 
 def webcam_frames(rgb: np.ndarray, count: int, seed: int = 0) -> Iterator[tuple[np.ndarray, tuple[float, float]]]:
@@ -73,7 +67,7 @@ def stream(stage: VisionStage, rgb: np.ndarray, known: list, count: int, first_i
         msg = Message(kind=Kind.DATA, session="bench", frame_id=first_id + i, tensors=[torch.from_numpy(frame)])
         faces = stage.process([msg])[0].meta["faces"]
         moved = [(x + dx, y + dy, w, h) for x, y, w, h in known]
-        overlaps = [max(_iou(face["bbox"], box) for box in moved) for face in faces]
+        overlaps = [max(iou(face["bbox"], box) for box in moved) for face in faces]
         found.append(sum(o >= MATCH_IOU for o in overlaps))
         false_positives += sum(o < MATCH_IOU for o in overlaps)
         ids |= {face["face_id"] for face in faces}
@@ -116,7 +110,7 @@ def quality_targets(frames: int) -> tuple[list[Target], dict]:
         for i, (frame, _) in enumerate(webcam_frames(group_rgb, 10)):
             msg = Message(kind=Kind.DATA, session="bench", frame_id=frames + i, tensors=[torch.from_numpy(frame)])
             faces = stage.process([msg])[0].meta["faces"]
-            stale = [f for f in faces if f["face_id"] in alone.face_ids or _iou(f["bbox"], ASTRONAUT_FACE) > 0.5]
+            stale = [f for f in faces if f["face_id"] in alone.face_ids or iou(f["bbox"], ASTRONAUT_FACE) > 0.5]
             if not stale:
                 break
             survived += 1

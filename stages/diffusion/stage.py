@@ -44,7 +44,7 @@ from stages.diffusion.prompts import PromptEmbeddings, canonical_prompts
 from stages.diffusion.realtime import RealtimeImg2Img
 from stages.generator import temporal
 from stages.generator.framing import FaceFollower, cut_out
-from stages.payloads import IMAGE_RGB, describe_tensor, rgb_image
+from stages.payloads import IMAGE_RGB, capture_seconds, describe_tensor, rgb_image
 from stages.prompt import StylePrompt, style_prompt
 from stages.registry import register_stage
 from stages.session_states import SessionStates
@@ -218,8 +218,7 @@ class DiffusionStage(Stage):
             return self.reject(msg, "bad_frame", f"diffusion got no RGB uint8 H x W x 3 image: {describe_tensor(msg)}")
         height, width = int(frame.shape[0]), int(frame.shape[1])
         state = self._sessions.get(msg.session, now)
-        # The capture clock drives easing, so motion follows the camera and not queueing jitter.
-        t = msg.capture_ts / 1000.0 if msg.capture_ts > 0 else time.time()
+        t = capture_seconds(msg)
         framing = state.follower.follow(msg.meta.get("faces") or [], width, height, t)
         emotion, confidence = self._mood_of(state.follower.face)
         prompt = style_prompt(emotion, confidence, settings.style)

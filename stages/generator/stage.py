@@ -27,7 +27,7 @@ from stages.base import Stage
 from stages.generator import lowfi, temporal
 from stages.generator.framing import FaceFollower, Framing, PortraitConfig, cut_out
 from stages.generator.renderers import LowFiRenderer, Mood, StyleNetRenderer
-from stages.payloads import IMAGE_RGB, describe_tensor, rgb_image
+from stages.payloads import IMAGE_RGB, capture_seconds, describe_tensor, rgb_image
 from stages.registry import register_stage
 from stages.session_states import SessionStates
 
@@ -149,9 +149,7 @@ class GeneratorStage(Stage):
             return self.reject(msg, "bad_frame", f"generator got no RGB uint8 H x W x 3 image: {describe_tensor(msg)}")
         height, width = int(frame.shape[0]), int(frame.shape[1])
         state = self._sessions.get(msg.session, now)
-        # The capture clock drives easing and animation, so motion follows the camera's
-        # timing and not queueing jitter; frames without one fall back to wall time.
-        t = msg.capture_ts / 1000.0 if msg.capture_ts > 0 else time.time()
+        t = capture_seconds(msg)
         framing = state.follower.follow(msg.meta.get("faces") or [], width, height, t)
         mood = self._mood_of(state.follower.face)
         if isinstance(self.renderer, LowFiRenderer):
