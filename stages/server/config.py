@@ -38,6 +38,18 @@ class ServerConfig:
     rather than falling ever further behind live."""
     session_error_queue: int = 32
     """``error`` messages waiting per session; older ones are dropped past this."""
+    max_audio_chunk_bytes: int = 32000
+    """Largest audio chunk (kind 2) accepted, in bytes of PCM16 at 16 kHz: 32000 is 1 s.
+    The page sends 640-byte (20 ms) chunks; a bigger one is refused with
+    ``audio_too_large``."""
+    max_audio_chunks_per_s: int = 100
+    """Audio chunks a session may send in any one second (``audio_rate`` past it)."""
+    audio_burst_s: float = 2.0
+    """Seconds of audio a session may send ahead of real time (a token bucket that deep,
+    refilled at 1x real time): files must be streamed at the pace they play."""
+    model_action_wait_s: float = 8.0
+    """Seconds ``GET /models`` and ``POST /models/{id}/load|unload`` wait for the pipeline
+    before answering 202 (the action goes on); below the HTTP handshake's 10 s limit."""
     allow_cross_origin: bool = False
     """Accept WebSocket handshakes whose ``Origin`` differs from the page's host. Off, so a
     foreign web page in the same browser cannot drive the pipeline."""
@@ -64,6 +76,16 @@ class ServerConfig:
               "max_frame_pixels",
               f"must be within 256..max_frame_width*max_frame_height "
               f"({self.max_frame_width * self.max_frame_height}), got {self.max_frame_pixels}")
+        check(2 <= self.max_audio_chunk_bytes <= self.max_message_bytes - 20 and self.max_audio_chunk_bytes % 2 == 0,
+              "max_audio_chunk_bytes",
+              f"must be an even number of bytes within 2..max_message_bytes-20 ({self.max_message_bytes - 20}), "
+              f"got {self.max_audio_chunk_bytes}")
+        check_range(self.max_audio_chunks_per_s, "max_audio_chunks_per_s", 1, 1000)
+        # A chunk bigger than the bucket could never be admitted.
+        check(self.max_audio_chunk_bytes / 32000 <= self.audio_burst_s <= 60, "audio_burst_s",
+              f"must be within max_audio_chunk_bytes/32000 ({self.max_audio_chunk_bytes / 32000:g})..60 seconds, "
+              f"got {self.audio_burst_s}")
+        check_range(self.model_action_wait_s, "model_action_wait_s", 0.01, 9.0)
         check_range(self.stats_interval_s, "stats_interval_s", 0.05, 1.0)
         check_range(self.session_out_queue, "session_out_queue", 1, 256)
         check_range(self.session_error_queue, "session_error_queue", 1, 1024)

@@ -1,18 +1,36 @@
-"""Plain HTTP on the WebSocket port: the page, ``/health`` and ``/metrics``.
+"""Plain HTTP on the WebSocket port: the pages, ``/health``, ``/metrics`` and ``/models``.
 
 ``websockets`` hands every request to ``process_request`` before the opening handshake;
 answering with a ``Response`` serves it as HTTP, answering ``None`` lets the handshake
 go on. Only ``/ws`` goes on, so one port serves both and the page can find the socket
 at its own origin.
+
+Routes: ``GET /`` the mirror page, ``GET /lipsync`` the lip-sync page, their files by
+name, ``GET /health``, ``GET /metrics``, ``GET /models`` (the lip-sync models and
+whether each is loaded) and ``POST /models/{id}/load`` / ``POST /models/{id}/unload``.
+Answers about models are JSON, errors included (``{"error": ...}``): 400 for an id that
+cannot be one, 404 for an unknown avatar or a pipeline that serves no models, 409 for a
+load that failed, 500 for anything else. ``websockets`` takes no request bodies, so the
+POSTs carry none; a POST from another origin's page is refused (403) as its sockets are.
+
+Model hooks may take a while (a load reads a file and fills device memory), so they run
+in a worker thread and never hold up the event loop that serves every session. An
+action still running after ``action_wait_s`` is answered ``202`` (``{"status": "pending"}``)
+and finishes on its own: ``websockets`` drops a request not answered within its opening
+handshake timeout (10 s).
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import logging
+import re
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -20,13 +38,19 @@ from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from stages.server.hooks import PipelineHooks
+from stages.server.hooks import PipelineHooks, hook_or_none
 from stages.server.metrics import ServerMetrics
-from stages.server.protocol import json_safe
+from stages.server.protocol import AVATAR_ID, json_safe
 
 log = logging.getLogger(__name__)
 
 WS_PATH = "/ws"
+PAGES = {"/": "index.html", "/lipsync": "lipsync.html"}
+"""Paths of the pages (every other file is served under its own name)."""
+MODEL_ACTION = re.compile(r"/models/([^/]*)/(load|unload)")
+NO_MODELS = "this pipeline serves no models"
+ACTION_WAIT_S = 8.0
+"""How long a model request is waited for before it is answered 202 (below the handshake's 10 s)."""
 STATIC_DIR = Path(__file__).parent / "static"
 _CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -46,22 +70,33 @@ class HttpRoutes:
     """The ``process_request`` callable of the server."""
 
     def __init__(self, hooks: PipelineHooks, metrics: ServerMetrics, *, allow_cross_origin: bool,
-                 static_dir: Path = STATIC_DIR) -> None:
+                 static_dir: Path = STATIC_DIR, action_wait_s: float = ACTION_WAIT_S) -> None:
         self._hooks = hooks
+        self._action_wait_s = action_wait_s
         self._metrics = metrics
         self._allow_cross_origin = allow_cross_origin
         self._static = _load_static(static_dir)
 
-    def __call__(self, connection: ServerConnection, request: Request) -> Response | None:
+    def __call__(self, connection: ServerConnection, request: Request) -> Response | Awaitable[Response] | None:
         path = urlsplit(request.path).path
+        method = getattr(request, "method", "GET")  # websockets before 15 parsed GET only
+        if method == "POST":
+            return self._post(request, path)
+        if method != "GET":
+            return respond(HTTPStatus.METHOD_NOT_ALLOWED, f"method {method} not allowed\n".encode(),
+                           "text/plain; charset=utf-8", [("Allow", "GET, POST")])
         if path == WS_PATH:
             return self._check_origin(request)
         if path == "/health":
             return self._health()
         if path == "/metrics":
             return self._metrics_text()
-        if path == "/":
-            path = "/index.html"
+        if path == "/models":
+            return self._models()
+        if MODEL_ACTION.fullmatch(path):
+            return _json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "model actions are POST requests"},
+                         [("Allow", "POST")])
+        path = "/" + PAGES.get(path, path.lstrip("/"))
         static = self._static.get(path.lstrip("/"))
         if static is not None:
             content_type, body = static
@@ -73,15 +108,72 @@ class HttpRoutes:
         # Browsers send Origin on every WebSocket handshake and let any page open sockets
         # to localhost, so this is what keeps another site from driving the pipeline.
         # Non-browser clients send no Origin and pass.
+        if self._same_origin(request):
+            return None
+        return respond(HTTPStatus.FORBIDDEN, f"origin {request.headers.get('Origin')} may not connect\n".encode(),
+                       "text/plain; charset=utf-8")
+
+    def _same_origin(self, request: Request) -> bool:
         origin = request.headers.get("Origin")
         if origin is None or self._allow_cross_origin:
-            return None
+            return True
         host = request.headers.get("Host", "")
         if urlsplit(origin).netloc.lower() == host.lower():
-            return None
-        log.warning("refused WebSocket from origin %s (host %s)", origin, host)
-        return respond(HTTPStatus.FORBIDDEN, f"origin {origin} may not connect\n".encode(),
-                       "text/plain; charset=utf-8")
+            return True
+        log.warning("refused %s %s from origin %s (host %s)", getattr(request, "method", "GET"),
+                    request.path, origin, host)
+        return False
+
+    # --- models ---
+
+    def _post(self, request: Request, path: str) -> Response | Awaitable[Response]:
+        match = MODEL_ACTION.fullmatch(path)
+        if match is None:
+            return _json(HTTPStatus.NOT_FOUND if path.startswith("/models") else HTTPStatus.METHOD_NOT_ALLOWED,
+                         {"error": f"no POST route {path}; POST /models/{{id}}/load or /models/{{id}}/unload"})
+        # A page elsewhere can make the browser POST here (a form needs no CORS): the same
+        # check as for sockets keeps it from loading and unloading models.
+        if not self._same_origin(request):
+            return _json(HTTPStatus.FORBIDDEN, {"error": f"origin {request.headers.get('Origin')} may not do this"})
+        avatar, action = match.groups()
+        if not AVATAR_ID.fullmatch(avatar):
+            return _json(HTTPStatus.BAD_REQUEST,
+                         {"error": f"{avatar[:70]!r} is not an avatar id; ids match {AVATAR_ID.pattern}"})
+        act = hook_or_none(self._hooks, "model_action")
+        if act is None:
+            return _json(HTTPStatus.NOT_FOUND, {"error": NO_MODELS})
+        return self._off_loop(lambda: act(avatar, action), f"{action} {avatar}")
+
+    def _models(self) -> Response | Awaitable[Response]:
+        models = hook_or_none(self._hooks, "models")
+        if models is None:
+            return _json(HTTPStatus.NOT_FOUND, {"error": NO_MODELS})
+        return self._off_loop(models, "list models")
+
+    async def _off_loop(self, call: Callable[[], Any], what: str) -> Response:
+        """``call``'s answer, from a worker thread; 202 if it is still running after the wait."""
+        task = asyncio.ensure_future(asyncio.to_thread(self._model_answer, call, what))
+        done, _ = await asyncio.wait({task}, timeout=self._action_wait_s)
+        if task in done:
+            return task.result()
+        task.add_done_callback(lambda t: log.info("%s finished after its request was answered: HTTP %s",
+                                                  what, t.result().status_code))
+        return _json(HTTPStatus.ACCEPTED, {"status": "pending",
+                                           "message": f"{what} is still running; GET /models shows when it is done"})
+
+    @staticmethod
+    def _model_answer(call: Callable[[], Any], what: str) -> Response:
+        try:
+            return _json(HTTPStatus.OK, call())
+        except NotImplementedError as e:
+            return _json(HTTPStatus.NOT_FOUND, {"error": str(e) or NO_MODELS})
+        except LookupError as e:
+            return _json(HTTPStatus.NOT_FOUND, {"error": str(e.args[0]) if e.args else "unknown avatar"})
+        except ValueError as e:  # a bad action, or a load that failed (file missing, over budget)
+            return _json(HTTPStatus.CONFLICT, {"error": str(e)})
+        except Exception as e:
+            log.exception("%s failed", what)
+            return _json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{what} failed: {type(e).__name__}: {e}"})
 
     def _health(self) -> Response:
         try:
@@ -107,6 +199,10 @@ class HttpRoutes:
         return respond(HTTPStatus.OK, runtime + self._metrics.exposition(), CONTENT_TYPE_LATEST)
 
 
+def _json(status: HTTPStatus, value: Any, extra: list[tuple[str, str]] | None = None) -> Response:
+    return respond(status, json.dumps(json_safe(value), allow_nan=False).encode(), "application/json", extra)
+
+
 def respond(status: HTTPStatus, body: bytes, content_type: str,
             extra: list[tuple[str, str]] | None = None) -> Response:
     headers = Headers([
@@ -129,6 +225,7 @@ def _load_static(static_dir: Path) -> dict[str, tuple[str, bytes]]:
         content_type = _CONTENT_TYPES.get(path.suffix)
         if path.is_file() and content_type is not None:
             files[path.name] = (content_type, path.read_bytes())
-    if "index.html" not in files:
-        raise FileNotFoundError(f"no index.html in {static_dir}")
+    missing = sorted(set(PAGES.values()) - set(files))
+    if missing:
+        raise FileNotFoundError(f"no {', '.join(missing)} in {static_dir}")
     return files

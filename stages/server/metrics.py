@@ -19,6 +19,12 @@ class ServerMetrics:
                                        registry=self.registry)
         self.frames_in = Counter("mindmirror_server_frames_in", "Camera frames accepted and submitted.",
                                  registry=self.registry)
+        self.audio_chunks_in = Counter("mindmirror_server_audio_chunks_in", "Audio chunks accepted and submitted.",
+                                       registry=self.registry)
+        self.audio_seconds_in = Counter("mindmirror_server_audio_seconds_in",
+                                        "Seconds of audio accepted and submitted.", registry=self.registry)
+        self.avatar_selects = Counter("mindmirror_server_avatar_selects", "Avatar selections accepted.",
+                                      registry=self.registry)
         self.frames_out = Counter("mindmirror_server_frames_out", "Output frames sent to browsers.",
                                   registry=self.registry)
         self.frames_dropped = Counter("mindmirror_server_frames_dropped",

@@ -7,14 +7,43 @@ Binary messages, both directions, little-endian, 20-byte header then payload::
 
     0..3   magic  b"MMF1"
     4      kind   1 camera frame (client->server, JPEG)
-                  2 audio chunk (PCM16 mono 16 kHz, reserved for lip-sync)
+                  2 audio chunk  (client->server, PCM16 LE mono 16 kHz)
                   3 output frame (server->client, JPEG)
     5..7   reserved, zero
     8..11  frame id, uint32
     12..19 client timestamp, float64 milliseconds, echoed back unchanged
     20..   payload
 
-Text messages are JSON objects ``{"type": ..., "payload": {...}}``.
+A pipeline takes one input kind: camera frames (the mirror) or audio chunks (lip-sync);
+the other kind is refused with ``unsupported_kind``.
+
+Audio chunks (kind 2). The payload is signed 16-bit little-endian PCM, one channel, 16 kHz,
+non-empty, an even number of bytes, at most ``ServerConfig.max_audio_chunk_bytes`` (32000
+= 1 s by default). The frame id is the chunk's sequence number in the session (0, 1, 2,
+...); the timestamp is the page clock (ms) at the chunk's first sample. The samples of a
+session's accepted chunks, in order, make one stream numbered from 0; a refused chunk is
+not part of it (its ``error`` carries ``chunk_id`` so the page can renumber). A session
+may send at most ``max_audio_chunks_per_s`` chunks in any second, and at most
+``audio_burst_s`` seconds of audio ahead of real time (a token bucket of that many
+seconds, full at the session's first chunk, refilled at 1x real time), so a file must be
+streamed at real-time pace. The page sends 20 ms chunks (320 samples, 640 bytes).
+
+Output frames of a lip-sync pipeline (kind 3): frame id ``i`` is the session's video frame
+index at 25 fps; it shows the audio samples ``[640 i, 640 (i + 1))`` of the session's
+stream (``frame_samples``). Its timestamp is the page clock at sample ``640 i`` (the
+capture timestamp of the chunk holding it, plus the sample's offset in that chunk), so
+paint time minus it is the end-to-end latency. The server sends no audio back: the page
+plays the slice of what it sent when it paints the frame. Its ``vision`` message carries
+``{"frame_id", "lipsync": {"avatar", "generator", "speech", "loudness_db", "avatar_frame"}}``.
+
+Text messages are JSON objects ``{"type": ..., "payload": {...}}``. From the page:
+``config.update`` (a partial config), ``preset.apply`` (``{"name": str}``) and
+``avatar.select`` (``{"id": str}``: this session's avatar; answered with ``config.current``
+to this session only, or an ``unknown_avatar`` error). From the server: ``config.current``
+(to every session on each change; for a lip-sync pipeline it also holds ``avatars``, the
+ids a session may select, ``avatar``, the one this session shows, and ``registry``),
+``vision``, ``stats`` and ``error`` (``{"code", "message"}``, plus ``chunk_id`` when an
+audio chunk was refused).
 
 Every rule broken by a peer raises ``ProtocolError`` with a stable ``code`` the page can
 act on and a ``message`` a person can read.
@@ -24,6 +53,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
@@ -37,6 +67,14 @@ HEADER = struct.Struct("<4sB3sId")
 HEADER_SIZE = HEADER.size  # 20
 RESERVED = b"\x00\x00\x00"
 MAX_FRAME_ID = 0xFFFF_FFFF
+
+AUDIO_SAMPLE_RATE = 16_000
+"""Samples per second of every audio chunk (PCM16 LE, mono)."""
+VIDEO_FPS = 25
+SAMPLES_PER_VIDEO_FRAME = AUDIO_SAMPLE_RATE // VIDEO_FPS  # 640
+"""Audio samples one output frame of a lip-sync pipeline covers."""
+AVATAR_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+"""What an avatar id looks like (``fullmatch``); ids name folders, so nothing else is one."""
 
 
 class Kind(IntEnum):
@@ -61,6 +99,10 @@ class ErrorCode(StrEnum):
     UNKNOWN_TYPE = "unknown_type"
     BAD_PAYLOAD = "bad_payload"
     BAD_CONFIG = "bad_config"
+    BAD_AUDIO = "bad_audio"
+    AUDIO_TOO_LARGE = "audio_too_large"
+    AUDIO_RATE = "audio_rate"
+    UNKNOWN_AVATAR = "unknown_avatar"
     TOO_MANY_SESSIONS = "too_many_sessions"
     INTERNAL = "internal"
 
@@ -68,10 +110,12 @@ class ErrorCode(StrEnum):
 class ProtocolError(ValueError):
     """A message from a peer that breaks the protocol; ``code`` is an ``ErrorCode``."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, *, chunk_id: int | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.chunk_id = chunk_id
+        """The audio chunk refused, when the message was one (its ``error`` names it)."""
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -109,14 +153,55 @@ def decode_frame(data: bytes | bytearray | memoryview) -> BinaryFrame:
 
 
 def decode_camera_frame(data: bytes | bytearray | memoryview) -> BinaryFrame:
-    """A binary message the page may send to the mirror pipeline: camera frames only."""
+    """A binary message the page may send to a pipeline that takes camera frames (the mirror)."""
     frame = decode_frame(data)
     if frame.kind is Kind.AUDIO_CHUNK:
         raise ProtocolError(ErrorCode.UNSUPPORTED_KIND,
-                            "audio chunks (kind 2) are reserved for lip-sync; this pipeline takes camera frames")
+                            "this pipeline takes camera frames (kind 1); audio chunks (kind 2) "
+                            "go to a lip-sync pipeline", chunk_id=frame.frame_id)
     if frame.kind is not Kind.CAMERA_FRAME:
         raise ProtocolError(ErrorCode.BAD_KIND, f"kind {int(frame.kind)} flows server->client only")
     return frame
+
+
+def decode_audio_chunk(data: bytes | bytearray | memoryview, *, max_bytes: int) -> BinaryFrame:
+    """A binary message the page may send to a pipeline that takes audio (lip-sync): a
+    non-empty PCM16 chunk of at most ``max_bytes``. The sample values are not judged: any
+    16-bit pattern is a sample."""
+    frame = decode_frame(data)
+    if frame.kind is Kind.CAMERA_FRAME:
+        raise ProtocolError(ErrorCode.UNSUPPORTED_KIND,
+                            "this pipeline takes audio chunks (kind 2, PCM16 mono 16 kHz); "
+                            "camera frames (kind 1) go to the mirror")
+    if frame.kind is not Kind.AUDIO_CHUNK:
+        raise ProtocolError(ErrorCode.BAD_KIND, f"kind {int(frame.kind)} flows server->client only")
+    try:
+        check_audio_payload(frame.payload, max_bytes=max_bytes)
+    except ProtocolError as e:
+        e.chunk_id = frame.frame_id
+        raise
+    return frame
+
+
+def check_audio_payload(pcm: bytes, *, max_bytes: int) -> None:
+    """Raise ``bad_audio`` or ``audio_too_large`` for a payload that is not a usable chunk."""
+    if not pcm:
+        raise ProtocolError(ErrorCode.BAD_AUDIO, "audio chunk is empty; send at least one sample")
+    if len(pcm) % 2:
+        raise ProtocolError(ErrorCode.BAD_AUDIO,
+                            f"audio chunk has {len(pcm)} bytes; PCM16 samples are 2 bytes each, so it must be even")
+    if len(pcm) > max_bytes:
+        raise ProtocolError(ErrorCode.AUDIO_TOO_LARGE,
+                            f"audio chunk has {len(pcm)} bytes ({len(pcm) / 2 / AUDIO_SAMPLE_RATE:.3f} s); "
+                            f"the limit is {max_bytes} bytes ({max_bytes / 2 / AUDIO_SAMPLE_RATE:.3f} s)")
+
+
+def frame_samples(frame_id: int) -> tuple[int, int]:
+    """``[start, end)`` sample numbers of the session's audio stream that lip-sync output
+    frame ``frame_id`` shows (25 fps, 16 kHz: 640 samples a frame)."""
+    if frame_id < 0:
+        raise ValueError(f"frame_id must be >= 0, got {frame_id}")
+    return frame_id * SAMPLES_PER_VIDEO_FRAME, (frame_id + 1) * SAMPLES_PER_VIDEO_FRAME
 
 
 # --- JPEG probe -------------------------------------------------------------------------
@@ -156,7 +241,8 @@ def _check_size(width: int, height: int, max_width: int, max_height: int, max_pi
 
 CONFIG_UPDATE = "config.update"
 PRESET_APPLY = "preset.apply"
-CLIENT_TYPES = (CONFIG_UPDATE, PRESET_APPLY)
+AVATAR_SELECT = "avatar.select"
+CLIENT_TYPES = (CONFIG_UPDATE, PRESET_APPLY, AVATAR_SELECT)
 
 CONFIG_CURRENT = "config.current"
 VISION = "vision"
@@ -195,13 +281,34 @@ def decode_client_message(text: str | bytes) -> TextMessage:
     if not isinstance(payload, dict):
         raise ProtocolError(ErrorCode.BAD_PAYLOAD, f"'payload' of {kind} must be an object, got {payload!r}")
     if kind == PRESET_APPLY:
-        extra = sorted(set(payload) - {"name"})
-        if extra:
-            raise ProtocolError(ErrorCode.BAD_PAYLOAD, f"unknown key {extra[0]!r} in preset.apply; allowed: 'name'")
-        if not isinstance(payload.get("name"), str):
-            raise ProtocolError(ErrorCode.BAD_PAYLOAD,
-                                f"preset.apply needs a string 'name', got {payload.get('name')!r}")
+        _one_string(kind, payload, "name")
+    elif kind == AVATAR_SELECT:
+        _one_string(kind, payload, "id")
     return TextMessage(type=kind, payload=payload)
+
+
+def _one_string(kind: str, payload: dict[str, Any], key: str) -> None:
+    """A payload that is exactly ``{key: str}``."""
+    extra = sorted(set(payload) - {key})
+    if extra:
+        raise ProtocolError(ErrorCode.BAD_PAYLOAD, f"unknown key {extra[0]!r} in {kind}; allowed: {key!r}")
+    if not isinstance(payload.get(key), str):
+        raise ProtocolError(ErrorCode.BAD_PAYLOAD, f"{kind} needs a string {key!r}, got {_short(payload.get(key))}")
+
+
+def check_avatar_id(avatar: str) -> str:
+    """``avatar`` if it has the shape of an avatar id, else ``unknown_avatar`` (no avatar can
+    have another name, so the pipeline need not be asked)."""
+    if not AVATAR_ID.fullmatch(avatar):
+        raise ProtocolError(ErrorCode.UNKNOWN_AVATAR,
+                            f"no avatar is called {_short(avatar)}: avatar ids match {AVATAR_ID.pattern}")
+    return avatar
+
+
+def _short(value: Any, limit: int = 70) -> str:
+    """``repr`` of a peer's value, cut so an error never echoes a megabyte back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def encode_message(kind: str, payload: dict[str, Any]) -> str:
@@ -210,8 +317,13 @@ def encode_message(kind: str, payload: dict[str, Any]) -> str:
     return json.dumps({"type": kind, "payload": json_safe(payload)}, separators=(",", ":"), allow_nan=False)
 
 
-def error_message(code: ErrorCode | str, message: str) -> str:
-    return encode_message(ERROR, {"code": str(code), "message": message})
+def error_message(code: ErrorCode | str, message: str, *, chunk_id: int | None = None) -> str:
+    """An ``error``; ``chunk_id`` names the audio chunk it refused, so the page can drop
+    that chunk's samples from its copy of the stream."""
+    payload: dict[str, Any] = {"code": str(code), "message": message}
+    if chunk_id is not None:
+        payload["chunk_id"] = chunk_id
+    return encode_message(ERROR, payload)
 
 
 def vision_message(frame_id: int, vision: dict[str, Any]) -> str:

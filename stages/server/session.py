@@ -12,6 +12,8 @@ unbounded backlog, nor fall ever further behind live:
 - ``stats`` and ``config.current``: only the newest matters, so a new one replaces any
   waiting one;
 - ``error``: at most ``session_error_queue`` wait; the oldest go first.
+
+A session of a lip-sync pipeline also holds its avatar selection and its audio rate limit.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from stages.server.audio_rate import AudioRateLimit
 from stages.server.metrics import ServerMetrics
+from stages.server.protocol import AUDIO_SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +54,18 @@ class _Entry:
 @dataclass(kw_only=True, slots=True)
 class SessionCounters:
     frames_in: int = 0
+    audio_chunks_in: int = 0
+    audio_samples_in: int = 0
     frames_out: int = 0
     frames_dropped: int = 0
     errors_sent: int = 0
     errors_dropped: int = 0
 
-    def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+    def as_dict(self, *, audio: bool = False) -> dict[str, int]:
+        """The counters; a camera session's (``audio`` False) without the audio ones, an
+        audio session's without camera ``frames_in``."""
+        skip = {"frames_in"} if audio else {"audio_chunks_in", "audio_samples_in"}
+        return {name: getattr(self, name) for name in self.__slots__ if name not in skip}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -68,6 +77,10 @@ class Session:
     """Output frames allowed to wait (``ServerConfig.session_out_queue``)."""
     max_errors: int
     """Error messages allowed to wait (``ServerConfig.session_error_queue``)."""
+    audio_limit: AudioRateLimit | None = None
+    """Set for a session of a pipeline that takes audio: how fast it may send."""
+    avatar: str | None = None
+    """The avatar this session selected (``avatar.select``); None until it does."""
     opened_at: float = field(default_factory=time.monotonic)
     counters: SessionCounters = field(default_factory=SessionCounters)
     _pending: deque[_Entry] = field(default_factory=deque)
@@ -102,8 +115,16 @@ class Session:
 
     def summary(self) -> dict[str, Any]:
         """This session as the ``stats`` message shows it to its page."""
-        return {"id": self.id, "uptime_s": round(time.monotonic() - self.opened_at, 3),
-                "queued_frames": self._count(Out.FRAME), **self.counters.as_dict()}
+        audio = self.audio_limit is not None
+        summary: dict[str, Any] = {"id": self.id, "uptime_s": round(time.monotonic() - self.opened_at, 3),
+                                   "queued_frames": self._count(Out.FRAME), **self.counters.as_dict(audio=audio)}
+        if audio:
+            samples = summary.pop("audio_samples_in")
+            summary["audio_in_s"] = round(samples / AUDIO_SAMPLE_RATE, 3)
+            summary["audio_ahead_s"] = round(self.audio_limit.ahead_s(), 3)
+            if self.avatar is not None:
+                summary["avatar"] = self.avatar
+        return summary
 
     def close(self) -> None:
         """Stop queueing; wakes the sender so it can finish."""

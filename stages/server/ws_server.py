@@ -12,6 +12,11 @@ directions, both non-blocking:
 A peer that breaks the protocol gets an ``error`` message and stays connected; nothing
 it sends reaches the pipeline or another session. A hook that raises is logged and
 reported to that one session as ``internal``.
+
+Binary input goes where the pipeline says (``PipelineHooks.takes()``): camera frames to
+``submit_frame``, or audio chunks, each checked for shape and held to the session's
+``AudioRateLimit``, to ``submit_audio``. An avatar selection is per session: the server
+keeps it and writes it into every ``config.current`` that session is sent.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, Self
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -29,8 +35,9 @@ from websockets.frames import CloseCode
 
 from core.config import ConfigError
 from stages.server import protocol
+from stages.server.audio_rate import AudioRateLimit
 from stages.server.config import ServerConfig
-from stages.server.hooks import PipelineHooks
+from stages.server.hooks import AUDIO, PipelineHooks, hook_or_none, pipeline_takes
 from stages.server.http_routes import HttpRoutes
 from stages.server.metrics import ServerMetrics
 from stages.server.protocol import BinaryFrame, ErrorCode, Kind, ProtocolError
@@ -50,7 +57,8 @@ class WebServer:
         self.config = config
         self._hooks = hooks
         self._metrics = ServerMetrics()
-        self._routes = HttpRoutes(hooks, self._metrics, allow_cross_origin=config.allow_cross_origin)
+        self._routes = HttpRoutes(hooks, self._metrics, allow_cross_origin=config.allow_cross_origin,
+                                  action_wait_s=config.model_action_wait_s)
         self._sessions: dict[str, Session] = {}  # event loop only
         self._session_count = 0  # a copy other threads may read
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -91,7 +99,7 @@ class WebServer:
         if thread.is_alive():
             log.warning("web server thread still running %.1f s after stop()", self.config.stop_timeout_s)
 
-    def __enter__(self) -> "WebServer":
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -206,8 +214,11 @@ class WebServer:
         session = Session(id=uuid.uuid4().hex[:12], connection=connection, metrics=self._metrics,
                           max_frames=self.config.session_out_queue, max_errors=self.config.session_error_queue)
         try:
+            if pipeline_takes(self._hooks) == AUDIO:
+                session.audio_limit = AudioRateLimit(max_chunks_per_s=self.config.max_audio_chunks_per_s,
+                                                     burst_s=self.config.audio_burst_s)
             self._hooks.open_session(session.id)
-            config_text = self._config_text(self._hooks.config_current())
+            config_text = self._config_text(session, self._hooks.config_current())
         except Exception as e:
             log.exception("opening session %s failed", session.id)
             await _refuse(connection, ErrorCode.INTERNAL, _describe(e), CloseCode.INTERNAL_ERROR,
@@ -239,17 +250,19 @@ class WebServer:
             except (TimeoutError, asyncio.CancelledError):
                 pass
             log.info("session %s closed (%s): %s", session.id, connection.close_code,
-                     session.counters.as_dict())
+                     session.counters.as_dict(audio=session.audio_limit is not None))
 
     def _dispatch(self, session: Session, message: str | bytes) -> None:
         """Handle one message from the page; nothing it contains may escape this session."""
         try:
             if isinstance(message, str):
-                self._on_text(message)
+                self._on_text(session, message)
+            elif session.audio_limit is not None:
+                self._on_audio(session, message)
             else:
                 self._on_binary(session, message)
         except ProtocolError as e:
-            self._route_error(session.id, e.code, protocol.error_message(e.code, e.message))
+            self._route_error(session.id, e.code, protocol.error_message(e.code, e.message, chunk_id=e.chunk_id))
         except ConfigError as e:
             self._route_error(session.id, ErrorCode.BAD_CONFIG, protocol.error_message(ErrorCode.BAD_CONFIG, str(e)))
         except Exception as e:
@@ -266,14 +279,56 @@ class WebServer:
         session.counters.frames_in += 1
         self._metrics.frames_in.inc()
 
-    def _on_text(self, text: str) -> None:
+    def _on_audio(self, session: Session, data: bytes) -> None:
+        assert session.audio_limit is not None
+        self._metrics.bytes_in.inc(len(data))
+        chunk = protocol.decode_audio_chunk(data, max_bytes=self.config.max_audio_chunk_bytes)
+        samples = len(chunk.payload) // 2
+        try:
+            session.audio_limit.admit(samples)
+        except ProtocolError as e:
+            e.chunk_id = chunk.frame_id
+            raise
+        submit = hook_or_none(self._hooks, "submit_audio")
+        if submit is None:  # takes() said audio, yet there is nowhere to put it
+            raise ProtocolError(ErrorCode.UNSUPPORTED_KIND, "this pipeline accepts no audio chunks",
+                                chunk_id=chunk.frame_id)
+        try:
+            submit(session.id, chunk.frame_id, chunk.client_ts, chunk.payload)
+        except ProtocolError as e:  # the pipeline's own refusal of this chunk
+            e.chunk_id = chunk.frame_id
+            raise
+        session.counters.audio_chunks_in += 1
+        session.counters.audio_samples_in += samples
+        self._metrics.audio_chunks_in.inc()
+        self._metrics.audio_seconds_in.inc(samples / protocol.AUDIO_SAMPLE_RATE)
+
+    def _on_text(self, session: Session, text: str) -> None:
         message = protocol.decode_client_message(text)
+        if message.type == protocol.AVATAR_SELECT:
+            self._select_avatar(session, message.payload["id"])
+            return
         if message.type == protocol.CONFIG_UPDATE:
             current = self._hooks.update_config(message.payload)
         else:
             current = self._hooks.apply_preset(message.payload["name"])
         # Every page shows the live config, so every page hears of the change.
-        self._push_config_all(self._config_text(current))
+        self._push_config_all(current)
+
+    def _select_avatar(self, session: Session, avatar: str) -> None:
+        """An avatar is this session's choice alone: only its page hears the answer."""
+        protocol.check_avatar_id(avatar)
+        select = hook_or_none(self._hooks, "select_avatar")
+        if select is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_AVATAR, "this pipeline shows no avatars (it takes camera frames)")
+        try:
+            current = select(session.id, avatar)
+        except LookupError as e:
+            reason = str(e.args[0]) if e.args else f"no avatar {avatar!r}"
+            raise ProtocolError(ErrorCode.UNKNOWN_AVATAR, reason) from None
+        session.avatar = avatar
+        self._metrics.avatar_selects.inc()
+        session.push_config(self._config_text(session, current))
 
     def _route_frame(self, session_id: str, text: str, frame: bytes) -> None:
         session = self._sessions.get(session_id)
@@ -285,9 +340,9 @@ class WebServer:
         if session is not None:
             session.push_error(str(code), text)
 
-    def _push_config_all(self, text: str) -> None:
+    def _push_config_all(self, current: dict[str, Any]) -> None:
         for session in self._sessions.values():
-            session.push_config(text)
+            session.push_config(self._config_text(session, current))
 
     async def _stats_loop(self) -> None:
         interval = self.config.stats_interval_s
@@ -314,7 +369,12 @@ class WebServer:
                 session.push_stats(protocol.encode_message(protocol.STATS, payload))
 
     @staticmethod
-    def _config_text(current: dict[str, Any]) -> str:
+    def _config_text(session: Session, current: dict[str, Any]) -> str:
+        """``config.current`` as this session sees it: a pipeline with avatars says which one
+        this session shows (its choice, else the pipeline's ``avatar`` or ``default_avatar``)."""
+        avatar = session.avatar or current.get("avatar") or current.get("default_avatar")
+        if avatar is not None:
+            current = {**current, "avatar": avatar}
         return protocol.encode_message(protocol.CONFIG_CURRENT, current)
 
 

@@ -8,6 +8,7 @@
 import { Capture } from "./capture.js";
 import { LatencyChart } from "./latency_chart.js";
 import { FpsMeter, RollingPercentiles } from "./meters.js";
+import { Notes } from "./notes.js";
 import { drawFaces } from "./overlay.js";
 import { Portrait } from "./portrait.js";
 import { SettingsForm } from "./settings_form.js";
@@ -46,6 +47,7 @@ const split = {
   paint: new RollingPercentiles(LATENCY_WINDOW),
 };
 const chart = new LatencyChart(ui.histogram);
+const notes = new Notes(ui.messages, MAX_MESSAGES);
 let painted = 0;                     // frames painted since the meters were last reset
 let paintedSince = performance.now();
 let socket = null;
@@ -187,21 +189,7 @@ function redrawFaces() {
 // --- messages, meters, sessions ----------------------------------------------------
 
 function note(level, text) {
-  const first = ui.messages.firstElementChild;
-  if (first && first.dataset.text === text) {  // repeated: count instead of flooding
-    first.dataset.count = String(Number(first.dataset.count) + 1);
-    first.lastChild.textContent = ` ×${first.dataset.count}`;
-    return;
-  }
-  const item = document.createElement("li");
-  item.className = level;
-  item.dataset.text = text;
-  item.dataset.count = "1";
-  const time = document.createElement("time");
-  time.textContent = new Date().toLocaleTimeString();
-  item.append(time, ` ${text}`, document.createElement("span"));
-  ui.messages.prepend(item);
-  while (ui.messages.children.length > MAX_MESSAGES) ui.messages.lastElementChild.remove();
+  notes.add(level, text);
 }
 
 function showSessions(n) {

@@ -38,11 +38,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[3]))
 
-from chromium import Chromium, Page, find_chromium, set_viewport  # noqa: E402
-from echo_hooks import EchoHooks, fake_vision  # noqa: E402
+from chromium import Chromium, Page, find_chromium, set_viewport
+from echo_hooks import EchoHooks, fake_vision
 
-from stages.server.config import ServerConfig  # noqa: E402
-from stages.server.ws_server import WebServer  # noqa: E402
+from stages.server.config import ServerConfig
+from stages.server.ws_server import WebServer
 
 CASCADE = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
 
@@ -55,6 +55,7 @@ def stylize(jpeg: bytes) -> tuple[bytes, dict]:
     square = cv2.resize(image[:side, :side], (320, 320))
     portrait = cv2.applyColorMap(cv2.cvtColor(square, cv2.COLOR_BGR2GRAY), cv2.COLORMAP_TWILIGHT_SHIFTED)
     ok, out = cv2.imencode(".jpg", portrait, [cv2.IMWRITE_JPEG_QUALITY, 80])
+    assert ok, "OpenCV could not encode the portrait"
     vision = {"faces": [{"face_id": i, "bbox": [int(v) for v in box], "emotion": "neutral",
                          "emotion_probs": {"neutral": 0.7, "happy": 0.3}, "quality": 0.8, "primary": i == 0}
                         for i, box in enumerate(faces)]}

@@ -21,7 +21,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -40,8 +40,10 @@ class Chromium:
     """A headless Chromium; use as a context manager, or ``start()`` then ``stop()``."""
 
     def __init__(self, binary: str, *, width: int = 1280, height: int = 800, camera_file: Path | None = None,
-                 start_timeout_s: float = 30.0) -> None:
+                 start_timeout_s: float = 30.0, extra_args: tuple[str, ...] = ()) -> None:
         self.binary = binary
+        self.extra_args = tuple(extra_args)
+        """More command-line switches, e.g. ``--autoplay-policy=no-user-gesture-required``."""
         self.width, self.height = width, height
         self.camera_file = camera_file
         self.start_timeout_s = start_timeout_s
@@ -49,10 +51,10 @@ class Chromium:
         self.process: subprocess.Popen | None = None
         self.port: int | None = None
 
-    def start(self) -> "Chromium":
+    def start(self) -> Self:
         camera = [f"--use-file-for-fake-video-capture={self.camera_file}"] if self.camera_file else []
-        log = open(self.profile / "chromium.log", "wb")
-        try:
+        # The child keeps its own copy of the log's descriptor; ours closes with the block.
+        with open(self.profile / "chromium.log", "wb") as log:
             self.process = subprocess.Popen([
                 self.binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
                 "--no-default-browser-check", "--disable-background-networking", "--disable-component-update",
@@ -62,11 +64,10 @@ class Chromium:
                 "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
                 "--disable-backgrounding-occluded-windows",
                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream", *camera,
+                *self.extra_args,
                 f"--window-size={self.width},{self.height}", f"--user-data-dir={self.profile}",
                 "--remote-debugging-port=0", "about:blank",
             ], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        finally:
-            log.close()
         active = self.profile / "DevToolsActivePort"
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
@@ -106,7 +107,7 @@ class Chromium:
         except OSError:
             return ""
 
-    def __enter__(self) -> "Chromium":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -129,12 +130,12 @@ class Page:
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def attach(cls, port: int, timeout_s: float = 10.0) -> "Page":
+    async def attach(cls, port: int, timeout_s: float = 10.0) -> Page:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as r:
-                    target = next((t for t in json.load(r) if t.get("type") == "page"), None)
+                targets = await asyncio.to_thread(_json_list, port)
+                target = next((t for t in targets if t.get("type") == "page"), None)
             except OSError:
                 target = None
             if target is not None:
@@ -209,6 +210,12 @@ class Page:
         elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
             entry = params["entry"]
             self.problems.append(f"log ({entry.get('source')}): {entry.get('text')} {entry.get('url', '')}".strip())
+
+
+def _json_list(port: int) -> list[dict[str, Any]]:
+    """The browser's DevTools targets (a blocking HTTP GET: run it in a thread)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as r:
+        return json.load(r)
 
 
 def set_viewport(width: int, height: int) -> dict[str, Any]:

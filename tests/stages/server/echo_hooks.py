@@ -1,10 +1,16 @@
-"""A test double of the runtime behind the web server: it echoes each camera frame back.
+"""Test doubles of the runtime behind the web server: a camera echo and a lip-sync echo.
 
 ``EchoHooks`` implements ``PipelineHooks`` with a real ``LiveConfig`` (so config errors
 are the real ones) and a worker thread that returns every submitted JPEG to the server
 through ``SessionSink.deliver_output`` with a made-up face, as the runtime would from its
 stage threads. It decodes nothing, so tests stay fast; ``transform`` lets the browser
 check swap in something visible.
+
+``LipSyncEchoHooks`` is a pipeline that takes audio: it numbers each session's samples as
+the protocol says and, for every 640 of them, delivers output frame ``i`` (a small drawn
+face whose mouth opens with the frame's loudness: no network, plainly labelled ``echo``)
+stamped with the page clock at sample ``640 i``. It has avatars to select and a pretend
+model registry behind ``models()`` / ``model_action()``.
 """
 
 from __future__ import annotations
@@ -13,7 +19,12 @@ import queue
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
 
 from core.settings import STYLES, RuntimeSettings
 from runtime.live_config import LiveConfig, settings_to_dict
@@ -69,6 +80,9 @@ class EchoHooks:
             raise error
 
     # --- PipelineHooks ---
+
+    def takes(self) -> str:
+        return "camera"
 
     def open_session(self, session: str) -> None:
         self.opened.append(session)
@@ -157,3 +171,149 @@ class EchoHooks:
         return [{"rank": 0, "role": "server", "alive": True, "last_seen_s": 0.0},
                 {"rank": 1, "role": "generator", "alive": True, "last_seen_s": 0.1}]
 
+
+
+# --- lip-sync -------------------------------------------------------------------------
+
+SAMPLES_PER_FRAME = 640
+SAMPLE_RATE = 16_000
+AVATARS = ("astronaut", "robot", "broken")
+"""``broken`` is listed but its model fails to load (HTTP 409)."""
+MODEL_BYTES = 48_000_000
+
+
+@dataclass
+class _Stream:
+    """One session's audio as the double sees it: samples not yet made into frames."""
+
+    avatar: str
+    pending: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))
+    pending_start: int = 0
+    """Sample number of ``pending[0]`` in the session's stream."""
+    chunk_starts: list[tuple[int, float]] = field(default_factory=list)
+    """(first sample number, page clock ms) of each chunk still needed for a timestamp."""
+    next_frame: int = 0
+
+
+class LipSyncEchoHooks(EchoHooks):
+    """A lip-sync pipeline double: audio chunks in, one drawn frame per 640 samples out."""
+
+    def __init__(self, *, model_delay_s: float = 0.0) -> None:
+        # Set before the base class starts the worker thread, which reads them.
+        self.avatars = list(AVATARS)
+        self.default_avatar = AVATARS[0]
+        self.selected: dict[str, str] = {}
+        self.audio: list[tuple[str, int, float, int]] = []
+        """(session, chunk id, client ts, bytes) of every chunk submitted."""
+        self.pcm: dict[str, bytearray] = {}
+        """Every session's audio stream as submitted, PCM16 LE."""
+        self.loaded: dict[str, int] = {"astronaut": 1}  # avatar -> uses
+        self.model_delay_s = model_delay_s
+        self._streams: dict[str, _Stream] = {}
+        self._faces: dict[tuple[str, int], bytes] = {}
+        super().__init__()
+
+    # --- PipelineHooks ---
+
+    def takes(self) -> str:
+        return "audio"
+
+    def submit_frame(self, session: str, frame_id: int, client_ts: float, jpeg: bytes,
+                     width: int, height: int) -> None:
+        raise AssertionError("the server must not hand camera frames to an audio pipeline")
+
+    def submit_audio(self, session: str, chunk_id: int, client_ts: float, pcm: bytes) -> None:
+        self._maybe_fail()
+        self.audio.append((session, chunk_id, client_ts, len(pcm)))
+        self.pcm.setdefault(session, bytearray()).extend(pcm)
+        avatar = self.selected.get(session, self.default_avatar)
+        self._jobs.put(("audio", session, avatar, client_ts, bytes(pcm)))
+
+    def close_session(self, session: str) -> None:
+        super().close_session(session)
+        self._jobs.put(("close", session))
+
+    def select_avatar(self, session: str, avatar: str) -> dict[str, Any]:
+        self._maybe_fail()
+        if avatar not in self.avatars:
+            raise LookupError(f"unknown avatar {avatar!r}; known: {', '.join(self.avatars)}")
+        self.selected[session] = avatar
+        return self.config_current()
+
+    def config_current(self) -> dict[str, Any]:
+        return {**super().config_current(), "avatars": list(self.avatars), "avatar": self.default_avatar,
+                "registry": self.models()}
+
+    def models(self) -> dict[str, Any]:
+        """Shaped like ``ModelDirectory.snapshot()``: one replica, where each avatar is."""
+        self._maybe_fail()
+        return {"placement": "least_loaded",
+                "replicas": [{"replica": 0, "capacity_bytes": 4 * MODEL_BYTES, "used_bytes": MODEL_BYTES * len(self.loaded),
+                              "resident": sorted(self.loaded), "loading": [], "failed": {}, "assigned": []}],
+                "avatars": {a: {"replicas": [0], "state": "resident", "assigned": 0} for a in sorted(self.loaded)}}
+
+    def model_action(self, avatar: str, action: str) -> dict[str, Any]:
+        self._maybe_fail()
+        if avatar not in self.avatars:
+            raise LookupError(f"unknown avatar {avatar!r}")
+        if action not in ("load", "unload"):
+            raise ValueError(f"unknown model action {action!r}; allowed: 'load', 'unload'")
+        time.sleep(self.model_delay_s)
+        if action == "load":
+            if avatar == "broken":
+                raise ValueError("cannot load avatar 'broken': unet.pth: missing tensors conv1.weight")
+            self.loaded.setdefault(avatar, 0)
+        else:
+            self.loaded.pop(avatar, None)
+        return {"avatar": avatar, "action": action, "accepted": True, "replica": 0 if action == "load" else None}
+
+    # --- the worker ---
+
+    def _echo(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if job[0] == "close":
+                self._streams.pop(job[1], None)
+                continue
+            _, session, avatar, client_ts, pcm = job
+            stream = self._streams.setdefault(session, _Stream(avatar))
+            stream.avatar = avatar
+            stream.chunk_starts.append((stream.pending_start + len(stream.pending), client_ts))
+            stream.pending = np.concatenate([stream.pending, np.frombuffer(pcm, "<i2")])
+            while len(stream.pending) >= SAMPLES_PER_FRAME:
+                self._deliver_frame(session, stream, stream.pending[:SAMPLES_PER_FRAME])
+                stream.pending = stream.pending[SAMPLES_PER_FRAME:]
+                stream.pending_start += SAMPLES_PER_FRAME
+
+    def _deliver_frame(self, session: str, stream: _Stream, samples: np.ndarray) -> None:
+        i = stream.next_frame
+        stream.next_frame += 1
+        first = i * SAMPLES_PER_FRAME
+        # The page clock at sample 640 i: its chunk's timestamp plus its offset in the chunk.
+        while len(stream.chunk_starts) > 1 and stream.chunk_starts[1][0] <= first:
+            stream.chunk_starts.pop(0)
+        chunk_first, chunk_ts = stream.chunk_starts[0]
+        client_ts = chunk_ts + (first - chunk_first) * 1000 / SAMPLE_RATE
+        rms = float(np.sqrt(np.mean((samples.astype(np.float64) / 32768) ** 2)))
+        loudness_db = 20 * np.log10(rms) if rms > 0 else -100.0
+        opening = int(np.clip((loudness_db + 60) / 60 * 5, 0, 5))
+        vision = {"lipsync": {"avatar": stream.avatar, "generator": GENERATOR, "speech": bool(loudness_db > -40),
+                              "loudness_db": round(float(loudness_db), 2), "avatar_frame": i % 50}}
+        assert self.sink is not None, "set LipSyncEchoHooks.sink to the server before sending audio"
+        self.sink.deliver_output(session, i, client_ts, self._face(stream.avatar, opening), vision)
+        self._delivered.append(time.monotonic())
+
+    def _face(self, avatar: str, opening: int) -> bytes:
+        """A drawn face, mouth open 0..5: visibly not a person, and cheap to make."""
+        key = (avatar, opening)
+        if key not in self._faces:
+            image = np.full((160, 160, 3), (40, 30, 20), np.uint8)
+            colour = (90, 170, 230) if avatar == "astronaut" else (200, 200, 120)
+            cv2.circle(image, (80, 80), 62, colour, -1)
+            for x in (58, 102):
+                cv2.circle(image, (x, 64), 7, (30, 30, 30), -1)
+            cv2.ellipse(image, (80, 112), (22, 2 + 4 * opening), 0, 0, 360, (40, 20, 120), -1)
+            cv2.putText(image, "echo", (4, 154), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (200, 200, 200), 1)
+            ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 80])
+            assert ok
+            self._faces[key] = jpeg.tobytes()
+        return self._faces[key]

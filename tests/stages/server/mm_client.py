@@ -7,8 +7,9 @@ import json
 import struct
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from websockets.sync.client import ClientConnection, connect
 
@@ -19,6 +20,10 @@ FIXTURE_JPEG = (Path(__file__).parents[2] / "fixtures" / "astronaut_640x480.jpg"
 
 def camera_frame(frame_id: int, client_ts: float, jpeg: bytes = FIXTURE_JPEG) -> bytes:
     return encode_frame(BinaryFrame(kind=Kind.CAMERA_FRAME, frame_id=frame_id, client_ts=client_ts, payload=jpeg))
+
+
+def audio_chunk(chunk_id: int, client_ts: float, pcm: bytes) -> bytes:
+    return encode_frame(BinaryFrame(kind=Kind.AUDIO_CHUNK, frame_id=chunk_id, client_ts=client_ts, payload=pcm))
 
 
 def sof_only_jpeg(width: int, height: int) -> bytes:
@@ -37,7 +42,7 @@ class Client:
 
     @classmethod
     @contextlib.contextmanager
-    def open(cls, server: Any, path: str = "ws", **kwargs: Any) -> Iterator["Client"]:
+    def open(cls, server: Any, path: str = "ws", **kwargs: Any) -> Iterator[Client]:
         url = server.url.replace("http://", "ws://") + path
         with connect(url, compression=None, open_timeout=5, close_timeout=1, **kwargs) as ws:
             yield cls(ws)

@@ -14,6 +14,8 @@ def test_defaults():
     assert config.max_message_bytes == 4 << 20
     assert config.stats_interval_s <= 1.0
     assert config.max_frame_pixels <= config.max_frame_width * config.max_frame_height
+    # One second of 16 kHz PCM16 per chunk, 100 chunks a second, 2 s ahead of real time.
+    assert (config.max_audio_chunk_bytes, config.max_audio_chunks_per_s, config.audio_burst_s) == (32000, 100, 2.0)
 
 
 def test_builds_from_a_yaml_mapping():
@@ -36,6 +38,14 @@ def test_builds_from_a_yaml_mapping():
     ({"session_error_queue": 0}, "session_error_queue"),
     ({"ping_timeout_s": 0.0}, "ping_timeout_s"),
     ({"stop_timeout_s": 0.0}, "stop_timeout_s"),
+    ({"max_audio_chunk_bytes": 641}, "max_audio_chunk_bytes"),
+    ({"max_audio_chunk_bytes": 0}, "max_audio_chunk_bytes"),
+    ({"max_audio_chunk_bytes": 4 << 20}, "max_audio_chunk_bytes"),     # bigger than a message may be
+    ({"max_audio_chunks_per_s": 0}, "max_audio_chunks_per_s"),
+    ({"audio_burst_s": 0.5}, "audio_burst_s"),                        # a 1 s chunk could never fit
+    ({"audio_burst_s": 120.0}, "audio_burst_s"),
+    ({"model_action_wait_s": 0.0}, "model_action_wait_s"),
+    ({"model_action_wait_s": 10.0}, "model_action_wait_s"),            # past the handshake's own timeout
 ])
 def test_refusals_name_the_field(values, field):
     with pytest.raises(ConfigError) as info:

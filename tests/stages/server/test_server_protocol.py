@@ -9,16 +9,33 @@ import pytest
 from mm_client import FIXTURE_JPEG, sof_only_jpeg
 
 from stages.server.protocol import (
-    HEADER_SIZE, BinaryFrame, ErrorCode, Kind, ProtocolError, decode_camera_frame, decode_client_message,
-    decode_frame, encode_frame, encode_message, error_message, probe_jpeg, vision_message,
+    HEADER_SIZE,
+    SAMPLES_PER_VIDEO_FRAME,
+    BinaryFrame,
+    ErrorCode,
+    Kind,
+    ProtocolError,
+    check_avatar_id,
+    decode_audio_chunk,
+    decode_camera_frame,
+    decode_client_message,
+    decode_frame,
+    encode_frame,
+    encode_message,
+    error_message,
+    frame_samples,
+    probe_jpeg,
+    vision_message,
 )
 
 # kind 1, frame id 0x01020304, client_ts 1.5 ms, payload FF D8
 GOLDEN_CAMERA = bytes.fromhex("4d4d4631" "01" "000000" "04030201" "000000000000f83f" "ffd8")
+# kind 2, chunk 5, client_ts 1.5 ms, payload the PCM16 LE samples 1, -2
+GOLDEN_AUDIO = bytes.fromhex("4d4d4631" "02" "000000" "05000000" "000000000000f83f" "0100" "feff")
 # kind 3, frame id 7, client_ts 1700000000123.25 ms (an epoch-ms timestamp), payload "jpeg"
 GOLDEN_OUTPUT = bytes.fromhex("4d4d4631" "03" "000000" "07000000" "00b48756febc7842") + b"jpeg"
 
-LIMITS = dict(max_width=3840, max_height=3840, max_pixels=3840 * 2160)
+LIMITS = {"max_width": 3840, "max_height": 3840, "max_pixels": 3840 * 2160}
 
 
 def test_header_is_20_bytes():
@@ -28,6 +45,7 @@ def test_header_is_20_bytes():
 @pytest.mark.parametrize("frame, golden", [
     (BinaryFrame(kind=Kind.CAMERA_FRAME, frame_id=0x01020304, client_ts=1.5, payload=b"\xff\xd8"), GOLDEN_CAMERA),
     (BinaryFrame(kind=Kind.OUTPUT_FRAME, frame_id=7, client_ts=1700000000123.25, payload=b"jpeg"), GOLDEN_OUTPUT),
+    (BinaryFrame(kind=Kind.AUDIO_CHUNK, frame_id=5, client_ts=1.5, payload=struct.pack("<2h", 1, -2)), GOLDEN_AUDIO),
 ])
 def test_binary_frame_golden_bytes_round_trip(frame, golden):
     assert encode_frame(frame) == golden
@@ -88,6 +106,67 @@ def test_camera_direction_only():
     assert info.value.code == ErrorCode.BAD_KIND
 
 
+def test_camera_frame_refusal_of_audio_names_the_chunk():
+    with pytest.raises(ProtocolError) as info:
+        decode_camera_frame(GOLDEN_AUDIO)
+    assert (info.value.code, info.value.chunk_id) == (ErrorCode.UNSUPPORTED_KIND, 5)
+    assert "camera frames (kind 1)" in info.value.message
+
+
+# --- audio chunks ---
+
+def test_audio_chunk_decodes():
+    chunk = decode_audio_chunk(GOLDEN_AUDIO, max_bytes=32000)
+    assert (chunk.kind, chunk.frame_id, chunk.client_ts) == (Kind.AUDIO_CHUNK, 5, 1.5)
+    assert struct.unpack("<2h", chunk.payload) == (1, -2)
+
+
+def audio(payload: bytes, chunk_id: int = 9) -> bytes:
+    return encode_frame(BinaryFrame(kind=Kind.AUDIO_CHUNK, frame_id=chunk_id, client_ts=0.0, payload=payload))
+
+
+def test_audio_chunk_size_limit_is_inclusive():
+    assert len(decode_audio_chunk(audio(bytes(32000)), max_bytes=32000).payload) == 32000
+    assert len(decode_audio_chunk(audio(bytes(2)), max_bytes=32000).payload) == 2
+
+
+@pytest.mark.parametrize("data, code, chunk_id", [
+    (audio(b""), ErrorCode.BAD_AUDIO, 9),
+    (audio(b"\x01"), ErrorCode.BAD_AUDIO, 9),
+    (audio(bytes(641)), ErrorCode.BAD_AUDIO, 9),
+    (audio(bytes(32002)), ErrorCode.AUDIO_TOO_LARGE, 9),
+    (audio(bytes(32001)), ErrorCode.BAD_AUDIO, 9),       # odd is the first thing wrong
+    (GOLDEN_CAMERA, ErrorCode.UNSUPPORTED_KIND, None),   # a camera frame to a pipeline that takes audio
+    (GOLDEN_OUTPUT, ErrorCode.BAD_KIND, None),
+    (GOLDEN_AUDIO[:19], ErrorCode.SHORT_HEADER, None),
+    (b"MMF2" + GOLDEN_AUDIO[4:], ErrorCode.BAD_MAGIC, None),
+])
+def test_audio_chunk_refusals(data, code, chunk_id):
+    with pytest.raises(ProtocolError) as info:
+        decode_audio_chunk(data, max_bytes=32000)
+    assert (info.value.code, info.value.chunk_id) == (code, chunk_id)
+    assert info.value.message
+
+
+def test_audio_refusal_messages_say_what_is_allowed():
+    with pytest.raises(ProtocolError) as info:
+        decode_audio_chunk(audio(bytes(32002)), max_bytes=32000)
+    assert info.value.message == "audio chunk has 32002 bytes (1.000 s); the limit is 32000 bytes (1.000 s)"
+    with pytest.raises(ProtocolError) as info:
+        decode_audio_chunk(audio(b"\x01\x02\x03"), max_bytes=32000)
+    assert "must be even" in info.value.message
+    with pytest.raises(ProtocolError) as info:
+        decode_audio_chunk(GOLDEN_CAMERA, max_bytes=32000)
+    assert "takes audio chunks (kind 2" in info.value.message
+
+
+def test_output_frame_covers_640_samples():
+    assert SAMPLES_PER_VIDEO_FRAME == 640
+    assert [frame_samples(i) for i in (0, 1, 25)] == [(0, 640), (640, 1280), (16000, 16640)]
+    with pytest.raises(ValueError):
+        frame_samples(-1)
+
+
 # --- JPEG probe ---
 
 def test_probe_reads_fixture_size():
@@ -137,6 +216,17 @@ def test_server_message_golden_text():
     assert vision_message(5, {"faces": [], "frame_id": 99}) == '{"type":"vision","payload":{"faces":[],"frame_id":5}}'
 
 
+def test_error_naming_a_chunk_golden_text():
+    assert error_message(ErrorCode.AUDIO_RATE, "slow down", chunk_id=17) == \
+        '{"type":"error","payload":{"code":"audio_rate","message":"slow down","chunk_id":17}}'
+    assert error_message("bad_audio", "x", chunk_id=None) == '{"type":"error","payload":{"code":"bad_audio","message":"x"}}'
+
+
+def test_error_codes_are_stable():
+    assert {c.value for c in ErrorCode} >= {"bad_audio", "audio_too_large", "audio_rate", "unknown_avatar",
+                                             "unsupported_kind"}
+
+
 def test_encode_message_is_strict_json():
     class Scalar:  # stands in for a numpy scalar
         def tolist(self):
@@ -152,6 +242,8 @@ def test_encode_message_is_strict_json():
     ('{"type":"config.update","payload":{}}', "config.update", {}),
     ('{"payload":{"name":"calm"},"type":"preset.apply"}', "preset.apply", {"name": "calm"}),
     (b'{"type":"preset.apply","payload":{"name":"party"}}', "preset.apply", {"name": "party"}),
+    ('{"type":"avatar.select","payload":{"id":"astronaut"}}', "avatar.select", {"id": "astronaut"}),
+    ('{"type":"avatar.select","payload":{"id":"No Such Avatar!"}}', "avatar.select", {"id": "No Such Avatar!"}),
 ])
 def test_decode_client_message(text, kind, payload):
     message = decode_client_message(text)
@@ -175,8 +267,37 @@ def test_decode_client_message(text, kind, payload):
     ('{"type":"preset.apply","payload":{}}', ErrorCode.BAD_PAYLOAD),
     ('{"type":"preset.apply","payload":{"name":3}}', ErrorCode.BAD_PAYLOAD),
     ('{"type":"preset.apply","payload":{"name":"calm","x":1}}', ErrorCode.BAD_PAYLOAD),
+    ('{"type":"avatar.select","payload":{}}', ErrorCode.BAD_PAYLOAD),
+    ('{"type":"avatar.select","payload":{"id":7}}', ErrorCode.BAD_PAYLOAD),
+    ('{"type":"avatar.select","payload":{"id":null}}', ErrorCode.BAD_PAYLOAD),
+    ('{"type":"avatar.select","payload":{"id":"a","name":"b"}}', ErrorCode.BAD_PAYLOAD),
+    ('{"type":"avatar.select","payload":"astronaut"}', ErrorCode.BAD_PAYLOAD),
+    ('{"type":"avatar.select"}', ErrorCode.BAD_PAYLOAD),
 ])
 def test_decode_client_message_refusals(text, code):
     with pytest.raises(ProtocolError) as info:
         decode_client_message(text)
     assert info.value.code == code
+
+
+def test_avatar_select_payload_errors_name_the_key():
+    with pytest.raises(ProtocolError) as info:
+        decode_client_message('{"type":"avatar.select","payload":{"id":"a","name":"b"}}')
+    assert info.value.message == "unknown key 'name' in avatar.select; allowed: 'id'"
+    with pytest.raises(ProtocolError) as info:
+        decode_client_message('{"type":"avatar.select","payload":{"id":["x"]}}')
+    assert info.value.message == "avatar.select needs a string 'id', got ['x']"
+
+
+@pytest.mark.parametrize("avatar", ["astronaut", "a", "0", "robot_2-b", "a" * 64])
+def test_avatar_ids_that_may_exist(avatar):
+    assert check_avatar_id(avatar) == avatar
+
+
+@pytest.mark.parametrize("avatar", ["", "Astronaut", "-a", "_a", "a" * 65, "../etc", "a/b", "a.b", "a b", "ä"])
+def test_avatar_ids_that_cannot_exist(avatar):
+    with pytest.raises(ProtocolError) as info:
+        check_avatar_id(avatar)
+    assert info.value.code == ErrorCode.UNKNOWN_AVATAR
+    assert "[a-z0-9][a-z0-9_-]{0,63}" in info.value.message
+    assert len(info.value.message) < 200  # a long id is cut, never echoed whole
