@@ -21,11 +21,12 @@ from comms.links import LinkEnds
 from comms.message import Message
 from core.settings import RuntimeSettings
 from runtime.aggregate import Aggregator
+from runtime.affinity import Affinity, collect_reports, deliver_command
 from runtime.availability import StageAvailability, availability_message
 from runtime.compose import FRONT_DOOR, RankPart, RunnerPart
 from runtime.config import JobConfig
 from runtime.control import ControlClient, ControlHub, config_message
-from runtime.frontdoor import FrontDoor, OutputSink
+from runtime.frontdoor import FrontDoor, ModelService, OutputSink
 from runtime.lifecycle import Lifecycle
 from runtime.live_config import LiveConfig
 from runtime.live_view import LiveView
@@ -33,7 +34,7 @@ from runtime.metrics import StageMetrics, link_snapshot
 from runtime.planner import LinkKind
 from runtime.session_queue import SessionQueue
 from runtime.stage_loop import Fallback, Inlet, Outlet, Router, StageRunner
-from stages.base import StageContext
+from stages.base import Catalog, Stage, StageContext
 from stages.registry import stage_class
 from stages.server.ws_server import WebServer
 
@@ -68,6 +69,11 @@ class RankPieces:
     """Which stages cannot serve: this process's own, and the other ranks' via the control plane."""
     runners: list[StageRunner] = field(default_factory=list)
     """Built by ``assemble_runners``."""
+    stages: dict[tuple[str, int], Stage] = field(default_factory=dict)
+    """This process's stage replicas by (stage name, replica), filled by ``assemble_runners``:
+    their reports ride the heartbeats, commands for them are handed over here."""
+    affinity: Affinity | None = None
+    """On the server rank, when a stage routes by affinity: the directories of the stages it reaches."""
 
 
 def assemble(part: RankPart, config: JobConfig, links: LinkEnds, live: LiveView, lifecycle: Lifecycle,
@@ -76,6 +82,7 @@ def assemble(part: RankPart, config: JobConfig, links: LinkEnds, live: LiveView,
     metrics = {runner.label: StageMetrics(runner.label) for runner in part.runners}
     data_links = {link.name for link in part.links if link.kind is LinkKind.DATA}
     availability = StageAvailability()
+    local_stages: dict[tuple[str, int], Stage] = {}  # filled by assemble_runners
 
     def snapshot() -> dict:
         ends = {}
@@ -84,10 +91,12 @@ def assemble(part: RankPart, config: JobConfig, links: LinkEnds, live: LiveView,
         return {"rank": part.rank, "role": part.role,
                 "stages": {label: m.snapshot() for label, m in metrics.items()},
                 "links": {name: link_snapshot(stats) for name, stats in ends.items()},
-                "unavailable": availability.local()}
+                "unavailable": availability.local(), "reports": collect_reports(local_stages)}
 
     def on_snapshot(rank: int, snap: dict) -> None:
         front.aggregator.on_snapshot(rank, snap)
+        if affinity is not None:
+            affinity.on_reports(snap.get("reports") or {})
         changed = availability.merge_rank(rank, snap.get("unavailable") or {})
         changed |= availability.merge_rank(part.rank, availability.local())  # the server rank's own stages
         if changed:
@@ -106,12 +115,14 @@ def assemble(part: RankPart, config: JobConfig, links: LinkEnds, live: LiveView,
         client = ControlClient(config=config.control, ctl=links.readers[part.control.receives[server_rank]],
                                status=links.writers[status], live=live, snapshot=snapshot, lifecycle=lifecycle,
                                server=f"rank {server_rank} ({part.control.roles[server_rank]})",
-                               on_availability=availability.set_remote)
+                               on_availability=availability.set_remote,
+                               on_command=lambda meta: deliver_command(local_stages, meta))
     def liveness() -> dict[int, tuple[bool, float]]:
         return {part.rank: (lifecycle.failure is None, 0.0), **(hub.liveness() if hub is not None else {})}
 
+    affinity = _affinity(part, config, hub, local_stages)
     if part.front_door is not None:
-        front = _front_end(part, config, live, hub, snapshot, liveness, health, availability)
+        front = _front_end(part, config, live, hub, snapshot, liveness, health, availability, affinity)
 
     def publish_event(msg: Message) -> None:
         if front is not None:
@@ -120,19 +131,43 @@ def assemble(part: RankPart, config: JobConfig, links: LinkEnds, live: LiveView,
             client.publish_event(msg)
 
     return RankPieces(front=front, hub=hub, client=client, snapshot=snapshot, liveness=liveness, metrics=metrics,
-                      publish_event=publish_event, availability=availability)
+                      publish_event=publish_event, availability=availability, stages=local_stages,
+                      affinity=affinity)
 
 
 def assemble_runners(part: RankPart, config: JobConfig, links: LinkEnds, pieces: RankPieces, live: LiveView,
                      lifecycle: Lifecycle) -> list[StageRunner]:
     """Every stage of this rank, constructed, with its runner (not started)."""
-    return [_runner(r, part, config, links, pieces, live, lifecycle) for r in part.runners]
+    runners = [_runner(r, part, config, links, pieces, live, lifecycle) for r in part.runners]
+    for part_runner, runner in zip(part.runners, runners):
+        pieces.stages[part_runner.spec.name, part_runner.replica] = runner.stage
+    return runners
 
+
+def _affinity(part: RankPart, config: JobConfig, hub: ControlHub | None,
+              local_stages: dict[tuple[str, int], Stage]) -> Affinity | None:
+    """The directories of the stages this rank's runners reach by ``routing: affinity``."""
+    directories = {}
+    for runner in part.runners:
+        if runner.spec.routing != "affinity" or runner.next_stage is None or runner.next_stage in directories:
+            continue
+        target = config.pipeline.stage(runner.next_stage)
+        directory = stage_class(target.kind).directory(config.stage_config(target), len(runner.outputs))
+        if directory is None:
+            raise ValueError(f"stage {runner.spec.name!r} routes by affinity, but stage {target.name!r} "
+                             f"({target.kind}) keeps no directory of what its replicas hold; use another routing")
+        directories[runner.next_stage] = directory
+    if not directories:
+        return None
+    return Affinity(directories, local_stages=lambda: local_stages,
+                    send=hub.broadcast if hub is not None else lambda msg: None)
 
 def _front_end(part: RankPart, config: JobConfig, live: LiveView, hub: ControlHub | None,
                snapshot: Callable[[], dict], liveness: Callable[[], dict[int, tuple[bool, float]]],
-               health: Callable[[], dict], availability: StageAvailability) -> FrontEnd:
-    inbox = SessionQueue("sessions", config.flow.session_queue_depth) if part.front_door.feeds else None
+               health: Callable[[], dict], availability: StageAvailability, affinity: Affinity | None) -> FrontEnd:
+    takes = part.front_door.takes or "camera"
+    depth = config.flow.audio_queue_depth if takes == "audio" else config.flow.session_queue_depth
+    inbox = SessionQueue("sessions", depth) if part.front_door.feeds else None
     roles = part.control.roles if part.control is not None else {part.rank: part.role}
     def unavailable() -> dict[str, str]:
         return {**availability.remote(), **availability.local()}
@@ -144,13 +179,27 @@ def _front_end(part: RankPart, config: JobConfig, live: LiveView, hub: ControlHu
         if hub is not None:
             hub.broadcast(config_message(revision, settings))
 
+    models = None
+    if affinity is not None:
+        (stage, _), = affinity.directories.items()  # one keyed stage per pipeline today
+        models = ModelService(stage=stage, affinity=affinity)
     door = FrontDoor(pipeline=config.pipeline.name, live_config=LiveConfig(config.runtime, config.presets),
                      live_view=live, inbox=inbox, aggregator=aggregator, publish_config=publish_config,
-                     health=health)
+                     health=health, takes=takes, catalog=_catalog(config), models=models)
     server = WebServer(config.server, door)
     sink = OutputSink(server, aggregator, is_open=door.is_open)
     door.session_closed = sink.forget
     return FrontEnd(server=server, door=door, inbox=inbox, sink=sink, aggregator=aggregator)
+
+
+def _catalog(config: JobConfig) -> Catalog | None:
+    """What sessions may select: the avatars, when a stage kind of the pipeline offers a
+    catalog (``Stage.catalog``)."""
+    for spec in config.pipeline.chain:
+        catalog = stage_class(spec.kind).catalog(config.stage_config(spec))
+        if catalog is not None:
+            return catalog
+    return None
 
 
 def _runner(runner: RunnerPart, part: RankPart, config: JobConfig, links: LinkEnds, pieces: RankPieces,
@@ -167,7 +216,10 @@ def _runner(runner: RunnerPart, part: RankPart, config: JobConfig, links: LinkEn
                            device=torch.device(runner.device), logger=logging.getLogger(f"stages.{runner.label}"),
                            runtime=live.get, publish_event=pieces.publish_event)
     stage = stage_class(runner.spec.kind)(config.stage_config(runner.spec), context)
-    router = Router(outputs, runner.spec.routing, lifecycle.stopping, fallback, metrics) if outputs else None
+    placer = None
+    if runner.spec.routing == "affinity" and pieces.affinity is not None and runner.next_stage is not None:
+        placer = pieces.affinity.placer(runner.next_stage)
+    router = Router(outputs, runner.spec.routing, lifecycle.stopping, fallback, metrics, placer) if outputs else None
     return StageRunner(name=runner.label, stage=stage, inputs=inputs, router=router,
                        max_batch=runner.spec.max_batch, batch_wait_ms=runner.spec.batch_wait_ms, live=live,
                        metrics=metrics, lifecycle=lifecycle, publish_event=pieces.publish_event,

@@ -27,11 +27,13 @@ from runtime.pipeline_config import PipelineConfig, StageSpec
 from runtime.planner import Link, LinkKind, Plan
 from stages.base import ANY, SAME, Payload
 from stages.registry import stage_class
-from stages.server.hooks import CAMERA_JPEG, OUTPUT_JPEG
+from stages.server.hooks import AUDIO_PCM, CAMERA_JPEG, OUTPUT_JPEG
 
 FRONT_DOOR = "front door"
-"""The name a runner's input or output has when it is the page: camera frames in, or
-frames shown on the page."""
+"""The name a runner's input or output has when it is the page: camera frames or audio
+in, or frames shown on the page."""
+PAGE_INPUTS = {"camera": CAMERA_JPEG, "audio": AUDIO_PCM}
+"""What the page can feed a pipeline, by the name the server and the page use for it."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -57,6 +59,8 @@ class RunnerPart:
     """How long a frame waits for the next stage before going to its fallback."""
     next_stage: str | None = None
     """The stage ``outputs`` lead to (whose availability decides the route), if any."""
+    next_kind: str | None = None
+    """That stage's kind (whose ``directory`` places keys for ``routing: affinity``)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -64,7 +68,9 @@ class FrontDoorPart:
     """The page's ends of the pipeline, on the server rank."""
 
     feeds: str | None
-    """The replica the page's camera frames go to; None when the pipeline starts with a source."""
+    """The replica the page's camera frames (or audio) go to; None when the pipeline starts with a source."""
+    takes: str | None = None
+    """What the page sends: 'camera' or 'audio' (a key of ``PAGE_INPUTS``); None with ``feeds``."""
     shows: str | None
     """The replica whose outputs the page shows; None when the pipeline ends in a sink."""
 
@@ -137,10 +143,12 @@ def compose(plan: Plan, rank: int, config: JobConfig) -> RankPart:
                                   inputs=tuple(inputs), outputs=tuple(outputs),
                                   fallback_outputs=tuple(fallback_outputs),
                                   fallback_after_ms=specs[nxt].fallback_after_ms if nxt_fallback else 0.0,
-                                  next_stage=nxt))
+                                  next_stage=nxt, next_kind=specs[nxt].kind if nxt is not None else None))
     front_door = None
     if me.server:
-        front_door = FrontDoorPart(feeds=f"{first}#0" if payloads[first][0] is not None else None,
+        taken = payloads[first][0]
+        front_door = FrontDoorPart(feeds=f"{first}#0" if taken is not None else None,
+                                   takes=next((name for name, p in PAGE_INPUTS.items() if p == taken), None),
                                    shows=f"{last}#0" if payloads[last][1] is not None else None)
     return RankPart(rank=rank, node=me.node, role=me.role, device=me.device, runners=runners,
                     front_door=front_door, control=_control_part(plan, rank),
@@ -161,8 +169,8 @@ def _control_part(plan: Plan, rank: int) -> ControlPart | None:
 def check_payloads(pipeline: PipelineConfig) -> dict[str, tuple[Payload | None, Payload | None]]:
     """Each stage's (accepted, emitted) payload, after checking that every stage takes what
     the one before it makes, and that the first and last stages fit the front door: the
-    first takes the page's camera frames (``CAMERA_JPEG``, on the server rank) or is a
-    source; the last makes frames for the page (``OUTPUT_JPEG``, on the server rank) or is
+    first takes the page's camera frames (``CAMERA_JPEG``) or audio (``AUDIO_PCM``), on the
+    server rank, or is a source; the last makes frames for the page (``OUTPUT_JPEG``, on the server rank) or is
     a sink. A fallback must take and make what the stage it stands in for does."""
     stages = pipeline.chain
     resolved: dict[str, tuple[Payload | None, Payload | None]] = {}
@@ -172,13 +180,15 @@ def check_payloads(pipeline: PipelineConfig) -> dict[str, tuple[Payload | None, 
         accepts, emits = cls.accepts, cls.emits
         where = f"pipeline.stages[{i}].kind"
         if i == 0:
-            if accepts is not None and not CAMERA_JPEG.fits(accepts):
+            page_input = next((p for p in PAGE_INPUTS.values() if accepts is not None and p.fits(accepts)), None)
+            if accepts is not None and page_input is None:
                 raise CompositionError(
                     f"stage {spec.name!r} ({spec.kind}) comes first, so it must take the page's camera frames "
-                    f"({CAMERA_JPEG.describe()}) or be a source (accept nothing); it accepts {accepts.describe()}",
-                    where)
-            flowing = None if accepts is None else CAMERA_JPEG
-            _check_server_end(spec, i, accepts is not None, "takes the page's camera frames")
+                    f"({CAMERA_JPEG.describe()}) or audio ({AUDIO_PCM.describe()}), or be a source (accept "
+                    f"nothing); it accepts {accepts.describe()}", where)
+            flowing = page_input
+            what = "audio" if page_input is AUDIO_PCM else "camera frames"
+            _check_server_end(spec, i, accepts is not None, f"takes the page's {what}")
         elif accepts is None:
             raise CompositionError(
                 f"stage {spec.name!r} ({spec.kind}) is a source (accepts nothing), but it follows stage "
@@ -232,7 +242,8 @@ def format_part(part: RankPart) -> str:
     if part.front_door is not None:
         feeds = part.front_door.feeds or "nothing (the pipeline starts with a source)"
         shows = part.front_door.shows or "nothing (the pipeline ends in a sink)"
-        lines.append(f"  front door: web server; the page's frames feed {feeds}; the page shows {shows}")
+        what = {"audio": "audio", None: "frames"}.get(part.front_door.takes, "frames")
+        lines.append(f"  front door: web server; the page's {what} feed {feeds}; the page shows {shows}")
     for runner in part.runners:
         takes = runner.accepts.describe() if runner.accepts else "nothing (source)"
         makes = runner.emits.describe() if runner.emits else "nothing (sink)"

@@ -66,9 +66,14 @@ class FlowConfig:
     session_queue_depth: int = 2
     """Camera frames each browser session may have waiting for the first stage; older ones
     are dropped. Small on purpose: a live mirror should show the newest frame, not catch up."""
+    audio_queue_depth: int = 100
+    """Audio chunks each session may have waiting for the first stage of a pipeline that
+    takes audio (2 s of the page's 20 ms chunks). Deep on purpose: a lost chunk is a gap
+    in the speech, so only a stage that has stalled for seconds loses audio."""
 
     def __post_init__(self) -> None:
         check_range(self.session_queue_depth, "session_queue_depth", 1, 64)
+        check_range(self.audio_queue_depth, "audio_queue_depth", 1, 1000)
 
 
 SECTIONS: dict[str, type] = {

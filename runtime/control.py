@@ -5,7 +5,8 @@ over two small links per rank (CPU; the planner lists them beside the data links
 
     control:s->r  Kind.CONTROL  {"op": "config", "revision", "settings"} | {"op": "stop", "reason", "failed"}
                                 {"op": "availability", "unavailable": {stage: reason}}
-    status:r->s   Kind.STATUS   {"op": "heartbeat", "snapshot": {...metrics...}}
+                                {"op": "command", "stage", "replica", "command": {...}}  (runtime.affinity)
+    status:r->s   Kind.STATUS   {"op": "heartbeat", "snapshot": {...metrics, stage reports...}}
                                 {"op": "leaving", "reason", "failed"}  (last, when the rank stops)
                   Kind.EVENT    a stage's notice for a browser session, forwarded to the server
 
@@ -23,13 +24,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from comms.channel import ChannelReader, ChannelWriter
 from comms.errors import ChannelClosed, ChannelTimeout, PeerFailure, TransportError
 from comms.message import Kind, Message
 from core.config import check, check_range
 from core.settings import RuntimeSettings
+from runtime.affinity import COMMAND_OP
 from runtime.availability import AVAILABILITY_OP
 from runtime.lifecycle import Lifecycle
 from runtime.live_config import settings_from_dict, settings_to_dict
@@ -213,10 +215,13 @@ class ControlClient:
 
     def __init__(self, *, config: ControlConfig, ctl: ChannelReader, status: ChannelWriter, live: LiveView,
                  snapshot: Callable[[], dict], lifecycle: Lifecycle, server: str,
-                 on_availability: Callable[[dict[str, str]], None] = lambda unavailable: None) -> None:
+                 on_availability: Callable[[dict[str, str]], None] = lambda unavailable: None,
+                 on_command: Callable[[dict[str, Any]], object] = lambda meta: None) -> None:
         self.config = config
         self.on_availability = on_availability
         """Applies the hub's map of stages that cannot serve (``runtime.availability``)."""
+        self.on_command = on_command
+        """Hands a command for a stage replica to it, if this rank hosts it (``runtime.affinity``)."""
         self.server = server
         """The server rank as messages name it, e.g. 'rank 0 (server+ingest+display)'."""
         self.ctl = ctl
@@ -295,5 +300,7 @@ class ControlClient:
                 self.lifecycle.request_stop(str(msg.meta.get("reason", f"stop requested by {self.server}")))
             elif op == AVAILABILITY_OP:
                 self.on_availability(dict(msg.meta.get("unavailable") or {}))
+            elif op == COMMAND_OP:
+                self.on_command(dict(msg.meta))
             else:
                 log.warning("ignoring unknown control op %r", op)

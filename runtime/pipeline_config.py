@@ -45,7 +45,7 @@ NAME_PATTERN = re.compile(r"[a-z0-9_-]+")
 
 PLACEMENTS = ("server", "worker")
 DEVICES = ("auto", "cpu", "cuda")
-ROUTINGS = ("round_robin", "least_loaded", "session")
+ROUTINGS = ("round_robin", "least_loaded", "session", "affinity")
 """How a stage spreads its outputs over the next stage's replicas (``runtime.stage_loop.Router``)."""
 AUTO = "auto"
 MAX_BATCH_LIMIT = 64
@@ -89,7 +89,10 @@ class StageSpec:
     routing: str = "round_robin"
     """How this stage's outputs are spread over the next stage's replicas: 'round_robin'
     (take turns), 'least_loaded' (fewest messages in flight) or 'session' (every frame of
-    one browser session goes to the same replica, for a next stage with per-session state)."""
+    one browser session goes to the same replica, for a next stage with per-session state)
+    or 'affinity' (every message with one ``meta["affinity"]`` key, e.g. an avatar id, goes to
+    the replica that holds that key's model, placed by the next stage's directory; only on a
+    'server' stage, where the replicas' reports of what they hold arrive)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Fields of the kind's config section (the top-level section named like ``kind``)
     that this stage alone uses instead, e.g. ``{cost_ms: 40}`` for one synthetic stage of
@@ -120,6 +123,10 @@ class StageSpec:
         check_range(self.max_batch, "max_batch", 1, MAX_BATCH_LIMIT)
         check_range(self.batch_wait_ms, "batch_wait_ms", 0.0, MAX_BATCH_WAIT_MS)
         check_range(self.fallback_after_ms, "fallback_after_ms", 0.0, MAX_BATCH_WAIT_MS)
+        if self.routing == "affinity":
+            check(self.placement == "server", "routing",
+                  "'affinity' needs placement 'server': the replicas' reports of which keys they hold "
+                  "reach the server rank only")
         if self.fallback is not None:
             _check_name(self.fallback, "fallback")
             check(self.fallback != self.name, "fallback", f"must name another stage, not {self.name!r} itself")

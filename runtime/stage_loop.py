@@ -62,6 +62,10 @@ class Outlet(Protocol):
     def credits(self) -> int: ...
 
 
+Placer = Callable[[str, list[int]], int]
+"""For ``affinity`` routing: (key, free credits per replica) -> the replica to send to."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Fallback:
     """Where a router sends what the next stage cannot take (``StageSpec.fallback``)."""
@@ -80,7 +84,10 @@ class Router:
 
     ``round_robin`` takes turns, skipping replicas with no free credit; ``least_loaded``
     picks the replica with the most free credits; ``session`` keeps each browser
-    session on one replica (for stages with per-session temporal state).
+    session on one replica (for stages with per-session temporal state); ``affinity``
+    asks ``placer`` which replica holds the output's ``meta["affinity"]`` key (an avatar's
+    model, say), so a key's messages meet the replica that has its model loaded (messages
+    without a key, and diverted ones, fall back to ``session``).
 
     With a ``Fallback``, an output goes to the fallback stage instead (same policy over
     its replicas) when the next stage says it cannot serve, or when none of its
@@ -93,13 +100,16 @@ class Router:
     """
 
     def __init__(self, outlets: list[Outlet], policy: str, stop: threading.Event, fallback: Fallback | None = None,
-                 metrics: StageMetrics | None = None) -> None:
+                 metrics: StageMetrics | None = None, placer: Placer | None = None) -> None:
         if not outlets:
             raise ValueError("a router needs at least one downstream outlet")
         if policy not in ROUTINGS:
             raise ValueError(f"routing policy {policy!r}; allowed: {', '.join(ROUTINGS)}")
         if fallback is not None and not fallback.outlets:
             raise ValueError("a fallback needs at least one outlet")
+        if policy == "affinity" and placer is None:
+            raise ValueError("routing policy 'affinity' needs a placer (the next stage's directory)")
+        self.placer = placer
         self.outlets = outlets
         self.policy = policy
         self.fallback = fallback
@@ -148,7 +158,10 @@ class Router:
     def _choose(self, outlets: list[Outlet], msg: Message) -> Outlet:
         if len(outlets) == 1:
             return outlets[0]
-        if self.policy == "session":
+        key = msg.meta.get("affinity") if self.policy == "affinity" and outlets is self.outlets else None
+        if key is not None:
+            return outlets[self.placer(str(key), [outlet.credits() for outlet in outlets])]
+        if self.policy in ("session", "affinity"):
             return outlets[zlib.crc32(msg.session.encode()) % len(outlets)]
         if self.policy == "least_loaded":
             return max(outlets, key=lambda outlet: outlet.credits())

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 
@@ -56,6 +56,35 @@ ANY = Payload("any")
 """``accepts``: whatever the previous stage emits."""
 SAME = Payload("same as input")
 """``emits``: exactly what came in (a pass-through stage)."""
+
+
+class Directory(Protocol):
+    """Which replica of a stage holds which key (``Stage.directory``)."""
+
+    def route(self, key: str, credits: list[int] | None = None) -> int:
+        """The replica for ``key``: the one holding it, else one chosen to load it."""
+
+    def update(self, replica: int, report: dict[str, Any]) -> None:
+        """A replica's latest ``report``."""
+
+    def placement_for_load(self, key: str) -> int:
+        """The replica an explicit load of ``key`` should go to."""
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every replica and key, for the server's HTTP and the page."""
+
+
+class Catalog(Protocol):
+    """What a session may select by name (``Stage.catalog``)."""
+
+    default: str
+    """Selected for a session that picked nothing."""
+
+    def ids(self) -> list[str]:
+        """Everything there is, sorted."""
+
+    def check(self, key: str) -> None:
+        """Raises ``LookupError`` (naming what there is) when ``key`` cannot be selected."""
 
 
 @dataclass(kw_only=True)
@@ -99,6 +128,32 @@ class Stage(ABC):
         or None when it can. Read after ``setup`` and after every batch; while it says
         why, the stage before it sends its frames to this stage's fallback, if the
         pipeline names one (``StageSpec.fallback``)."""
+        return None
+
+    def report(self) -> dict[str, Any] | None:
+        """What this replica tells the server rank about itself (JSON-safe), e.g. which
+        models it holds: sent with every heartbeat, read on the heartbeat thread, so it
+        must be cheap and thread-safe. None: nothing to tell."""
+        return None
+
+    def command(self, command: dict[str, Any]) -> None:
+        """An instruction the server rank addressed to this replica (e.g. load or unload
+        a model), called on a control thread: thread-safe, and quick (start long work,
+        do not wait for it; its outcome shows in ``report``). Raises ``ValueError`` for a
+        command it does not take."""
+        raise ValueError(f"stage kind {self.kind!r} takes no commands, got {command!r}")
+
+    @classmethod
+    def directory(cls, config: Any, replicas: int) -> "Directory | None":
+        """For a stage that others reach with ``routing: affinity``: the server rank's
+        map of which replica holds (or should load) which key, fed by the replicas'
+        ``report``s. None: this kind cannot be routed to by affinity."""
+        return None
+
+    @classmethod
+    def catalog(cls, config: Any) -> "Catalog | None":
+        """For a stage whose sessions pick something by name (an avatar): what there is to
+        pick, for the server's ``avatar.select``. None: nothing to pick."""
         return None
 
     def reject(self, msg: Message, code: str, message: str) -> None:

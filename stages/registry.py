@@ -13,7 +13,9 @@ and nothing central lists the kinds. ``stage_class(kind)`` finds a kind
    ``pipeline.plugins`` lists module names or ``.py`` files, imported by
    ``load_plugins`` before the config's stage sections are read);
 2. else in the built-in stage module of that name, imported on first use: kind
-   ``vision`` is registered by importing ``stages.vision``.
+   ``vision`` is registered by importing ``stages.vision``;
+3. else in any built-in stage package (``stages.lipsync`` registers ``speech``,
+   ``lipsync``, ``composite`` and ``present``).
 
 So a new pipeline is its stage files plus a YAML block that names them.
 """
@@ -60,6 +62,8 @@ def stage_class(kind: str) -> type[Stage]:
     """The class registered for ``kind``; ``UnknownStageKind`` names the kinds there are."""
     if kind not in _KINDS:
         _import_builtin(kind)
+    if kind not in _KINDS:
+        known_kinds()  # a package may register several kinds (stages.lipsync: speech, lipsync, ...)
     if kind not in _KINDS:
         raise UnknownStageKind(
             f"no stage module registers kind {kind!r}; known kinds: {', '.join(known_kinds())}. A stage "

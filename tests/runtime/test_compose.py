@@ -102,7 +102,8 @@ def test_a_pass_through_stage_takes_the_type_of_what_comes_before():
                                 r"before it emits image\.rgb \[uint8\]"),
     ([{"name": "gain", "kind": "t_gain"}, {"name": "meter", "kind": "t_meter"}],
      "pipeline.stages[0].kind", r"stage 'gain' \(t_gain\) comes first, so it must take the page's camera frames "
-                                r"\(camera\.jpeg \[uint8\]\) or be a source \(accept nothing\); it accepts audio\.f32"),
+                                r"\(camera\.jpeg \[uint8\]\) or audio \(audio\.pcm16 \[int16\]\), or be a source "
+                                r"\(accept nothing\); it accepts audio\.f32"),
     ([{"name": "mic", "kind": "t_mic"}, {"name": "gain", "kind": "t_gain"}],
      "pipeline.stages[1].kind", r"stage 'gain' \(t_gain\) comes last, so it must make frames for the page "
                                 r"\(output\.jpeg \[uint8\]\) or be a sink \(emit nothing\); it emits audio\.f32"),
@@ -134,3 +135,17 @@ def test_format_part_shows_runners_links_payloads_and_control():
     assert "    in:  front door" in text and "    out: ingest#0->vision#0" in text
     assert "  control hub: sends control:0->1, control:0->2; receives status:1->0, status:2->0" in text
     assert "  control client: sends status:2->0; receives control:0->2" in format_part(compose(p, 2, config))
+
+
+def test_a_pipeline_that_takes_the_pages_audio():
+    config = config_from_dict({"pipeline": {"name": "lipsync", "stages": [
+        {"name": "speech", "placement": "server", "routing": "affinity"}, {"name": "lipsync", "replicas": 2},
+        {"name": "composite"}, {"name": "present", "placement": "server"}]}})
+    p = plan(config.pipeline, 4)
+    server = compose(p, 0, config)
+    assert server.front_door.takes == "audio" and server.front_door.feeds == "speech#0"
+    (speech, present) = server.runners
+    assert speech.inputs == (FRONT_DOOR,) and speech.spec.routing == "affinity"
+    assert speech.outputs == ("speech#0->lipsync#0", "speech#0->lipsync#1") and speech.next_kind == "lipsync"
+    assert "the page's audio feed speech#0" in format_part(server)
+    assert compose(plan(config_from_dict({}).pipeline, 3), 0, config_from_dict({})).front_door.takes == "camera"

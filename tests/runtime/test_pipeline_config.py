@@ -67,6 +67,12 @@ def test_server_placement_needs_one_replica():
         build(PipelineConfig, stages({"name": "ingest", "placement": "server", "replicas": "auto"}))
 
 
+def test_affinity_routing_only_from_the_server_rank():
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.routing: 'affinity' needs placement 'server'"):
+        build(PipelineConfig, stages({"name": "speech", "routing": "affinity"}))
+    build(PipelineConfig, stages({"name": "speech", "placement": "server", "routing": "affinity"}))
+
+
 def test_server_placement_cannot_leave_rank_zero():
     with pytest.raises(ConfigError, match=r"stages\[0\]\.ranks: placement 'server' runs on rank 0"):
         build(PipelineConfig, stages({"name": "ingest", "placement": "server", "ranks": [1]}))

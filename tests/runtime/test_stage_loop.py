@@ -158,7 +158,7 @@ def test_router_policies_spread_or_pin(policy):
 
 
 def test_router_rejects_bad_policy_and_empty_outputs():
-    with pytest.raises(ValueError, match="routing policy 'random'; allowed: round_robin, least_loaded, session"):
+    with pytest.raises(ValueError, match="routing policy 'random'; allowed: round_robin, least_loaded, session, affinity"):
         Router([link("o", 1)[0]], "random", threading.Event())
     with pytest.raises(ValueError, match="at least one downstream"):
         Router([], "round_robin", threading.Event())
