@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SECTIONS = ("pipeline", "synthetic", "transport", "models", "diffusion", "gpu")
+SECTIONS = ("pipeline", "synthetic", "transport", "models", "diffusion", "gpu", "lipsync")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -13,6 +13,9 @@ Conventions shared by all sections:
   their column's ``fmt``.
 - A plot uses the rows that have a number for its ``y`` (and, for a line plot, for its
   ``x``), so one section can keep differently shaped rows in one table and plot each kind.
+- Rows that carry a ``part`` key (``PART``) are printed as one table per part, in order
+  of first appearance, each titled by the part and showing only the columns its rows
+  fill; a section whose rows have no ``part`` gets its one table as before.
 - Plots are drawn on ``matplotlib.figure.Figure`` objects, which render through the Agg
   canvas without pyplot: no global figure state to close, no GUI backend involved.
 """
@@ -33,6 +36,8 @@ from runtime.bench.options import BenchOptions
 from runtime.bench.results import Column, PlotSpec, SectionResult, Target, to_json
 
 MISSING = "–"
+PART = "part"
+"""Row key that splits a section's table into titled parts (see the module docstring)."""
 MET = {True: "✅", False: "❌", None: "–"}
 PLOT_KINDS = ("bar", "line")
 
@@ -174,7 +179,18 @@ def section_markdown(result: SectionResult) -> str:
 
 
 def _rows_table(columns: list[Column], rows: list[dict[str, Any]]) -> str:
-    return table([c.header for c in columns], [[cell(row.get(c.key), c.fmt) for c in columns] for row in rows])
+    if not any(PART in row for row in rows):
+        return table([c.header for c in columns], [[cell(row.get(c.key), c.fmt) for c in columns] for row in rows])
+    parts: dict[Any, list[dict[str, Any]]] = {}
+    for row in rows:
+        parts.setdefault(row.get(PART), []).append(row)
+    out = []
+    for part, group in parts.items():
+        cells = [[cell(row.get(c.key), c.fmt) for c in columns] for row in group]
+        used = [i for i in range(len(columns)) if any(line[i] != MISSING for line in cells)]
+        text = table([columns[i].header for i in used], [[line[i] for i in used] for line in cells])
+        out.append(text if part is None else f"**{cell(part)}**\n\n{text}")
+    return "\n\n".join(out)
 
 
 def _targets_table(targets: list[Target]) -> str:

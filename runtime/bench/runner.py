@@ -26,6 +26,7 @@ SECTION_MODULES = {
     "models": "runtime.bench.models",
     "diffusion": "runtime.bench.diffusion",
     "gpu": "runtime.bench.gpu",
+    "lipsync": "runtime.bench.lipsync",
 }
 FAILED = "failed: "
 """Prefix of ``SectionResult.skipped`` for a section that broke (versus one skipped for a reason)."""
