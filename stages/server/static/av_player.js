@@ -20,6 +20,7 @@
 
 import { pcm16ToFloat } from "./audio_pcm.js";
 import { AvSchedule, FRAME_MS, SAMPLE_RATE, pickFrame } from "./av_schedule.js";
+import { decodeJpeg, paintBitmap } from "./frame_bitmap.js";
 
 const MAX_WAITING = 50;  // 2 s of frames
 
@@ -72,7 +73,7 @@ export class AvPlayer {
   async #prepare(frame, generation) {
     let bitmap;
     try {
-      bitmap = await createImageBitmap(new Blob([frame.payload], { type: "image/jpeg" }));
+      bitmap = await decodeJpeg(frame);
     } catch (e) {
       this.onError(frame, e);
       return;
@@ -168,14 +169,7 @@ export class AvPlayer {
       this.counts.passed += 1;
     }
     if (paint) {
-      const canvas = this.canvas;
-      const bitmap = paint.bitmap;
-      if (canvas.width !== bitmap.width || canvas.height !== bitmap.height) {
-        canvas.width = bitmap.width;
-        canvas.height = bitmap.height;
-      }
-      canvas.getContext("2d").drawImage(bitmap, 0, 0);
-      bitmap.close();
+      paintBitmap(this.canvas, paint.bitmap);
       this.counts.painted += 1;
       this.onPainted(paint, ts);
     }

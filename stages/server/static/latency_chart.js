@@ -1,8 +1,11 @@
-// The glass-to-glass histogram: the page's own latencies (camera capture -> portrait
-// painted) over its last frames, as CSS bars with p50/p90 markers.
+// The latency histogram: a page's own latencies (camera capture -> portrait painted on the
+// mirror, audio captured -> its frame painted on lip-sync) over its last frames, as CSS
+// bars with p50/p90 markers.
 //
 // Bucket width is a round number (5, 10, 25, 50 ms, ...) picked so that p95 falls inside
 // the chart; the last bucket is open-ended. `histogram` is pure (testable without a DOM).
+
+import { el } from "./dom.js";
 
 const STEPS = [5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 5000];
 
@@ -75,11 +78,4 @@ export class LatencyChart {
       if (!m.hidden) m.style.left = `${Math.min(100, (100 * value) / (step * this.bins))}%`;
     });
   }
-}
-
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
 }

@@ -11,13 +11,24 @@
 import { MicSource, FileSource, decodeFile, micErrorText } from "./audio_in.js";
 import { CHUNK_SAMPLES, levelDb, pcm16Bytes } from "./audio_pcm.js";
 import { AvPlayer } from "./av_player.js";
-import { PcmStore, SAMPLES_PER_FRAME } from "./av_schedule.js";
-import { LatencyChart } from "./latency_chart.js";
-import { FpsMeter, RollingPercentiles } from "./meters.js";
+import { PcmStore, SAMPLE_RATE, SAMPLES_PER_FRAME } from "./av_schedule.js";
+
+/** Audio the pipeline needs after a frame before it makes it (stages/lipsync/audio_windows.py: 0.4525 s). */
+const LOOKAHEAD_S = 0.4525;
+/** What made the mouth of the frame on screen, as the caption says it. */
+const GENERATORS = {
+  unet: "lip-sync U-Net",
+  "mouth-synth": "non-neural mouth (follows loudness: this avatar has no trained model)",
+  silence: "silence (the avatar's own frame)",
+};
+import { Connection } from "./connection.js";
+import { FrameVisions } from "./frame_visions.js";
+import { LATENCY_WINDOW, LatencyCard, ms } from "./latency_card.js";
+import { RollingPercentiles } from "./meters.js";
 import { ModelsCard } from "./models_view.js";
 import { Notes } from "./notes.js";
 import { format, renderStats } from "./stats_view.js";
-import { Kind, decodeFrame, encodeFrame, message, nowMs } from "./wire.js";
+import { Kind, encodeFrame } from "./wire.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -26,26 +37,19 @@ const ui = {
   maker: $("maker"), generator: $("generator"), speech: $("speech"),
   select: $("avatar-select"), mic: $("mic"), stop: $("stop"), drop: $("drop"), file: $("file"),
   sourceStatus: $("source-status"), level: $("level-bar"), sound: $("sound"), soundBlocked: $("sound-blocked"),
-  e2e: { p50: $("e2e-p50"), p90: $("e2e-p90"), p99: $("e2e-p99"), count: $("e2e-count"),
-    server: $("e2e-server"), buffer: $("e2e-buffer") },
   av: { offset: $("av-offset"), abs90: $("av-abs90"), late: $("late"), skipped: $("skipped"),
     rebases: $("rebases"), chunks: $("chunks") },
-  histogram: $("latency-histogram"), latencyWindow: $("latency-window"), stats: $("stats"),
+  latency: $("latency"), latencyWindow: $("latency-window"), stats: $("stats"),
   models: $("models"), messages: $("messages"),
 };
 
-const LATENCY_WINDOW = 200;
-const BACKOFF_MS = { first: 500, max: 8000 };
-const CLOSE_REASONS = {
-  1001: "server going away", 1006: "server unreachable", 1009: "message too big",
-  1011: "server error", 1013: "server full, try again later",
-};
-
-const fps = new FpsMeter();
-const latency = new RollingPercentiles(LATENCY_WINDOW);
-const split = { server: new RollingPercentiles(LATENCY_WINDOW), buffer: new RollingPercentiles(LATENCY_WINDOW) };
+const latency = new LatencyCard(
+  { card: ui.latency, window: ui.latencyWindow, fps: ui.fps, p50: ui.p50, p90: ui.p90 }, "e2e", [
+    { key: "server", label: "round trip",
+      title: "the frame's own 40 ms of audio, the socket, every rank of the pipeline (with its audio look-ahead), and back" },
+    { key: "buffer", label: "buffer", title: "decode the JPEG, wait in the jitter buffer for its time, paint" },
+  ]);
 const avOffset = new RollingPercentiles(LATENCY_WINDOW);
-const chart = new LatencyChart(ui.histogram);
 const notes = new Notes(ui.messages);
 const store = new PcmStore();
 const models = new ModelsCard(ui.models, (level, text) => note(level, text));
@@ -53,81 +57,41 @@ const player = new AvPlayer(ui.canvas, store, {
   onPainted, onError: (frame, e) => note("error", `frame #${frame.frameId} did not decode: ${e.message}`),
 });
 
-let socket = null;
-let reconnectAttempt = 0;
 let nextChunk = 0;            // chunk id of the session's next audio chunk
 const sent = { chunks: 0, samples: 0, refused: 0, unsent: 0 };
-let painted = 0;
 let chosenAvatar = null;      // what the person picked; re-selected on every new session
 let shownAvatar = null;       // what config.current says this session shows
 let avatars = [];
 let lastLipsync = null;       // the `lipsync` part of the painted frame's vision
-const visions = new Map();    // frame id -> vision, until painted
+const visions = new FrameVisions(64);
 let audio = null;             // {ctx, gain}, made on the first gesture
 let source = null;            // the MicSource or FileSource streaming now
 let sourceLevel = -100;
 
-// --- connection --------------------------------------------------------------------
-
-function connect() {
-  const scheme = location.protocol === "https:" ? "wss" : "ws";
-  socket = new WebSocket(`${scheme}://${location.host}/ws`);
-  socket.binaryType = "arraybuffer";
-  setConnection("connecting…", "wait");
-  socket.onopen = () => {
+const connection = new Connection(ui.connection, {
+  messages: {
+    "config.current": showAvatars,
+    vision: (payload) => visions.add(payload),
+    stats: (payload) => renderStats(ui.stats, payload),
+    error: onError,
+  },
+  onFrame: (frame) => player.show(frame),
+  onOpen: () => {
     // A new session: its chunk ids, sample numbers and frame ids start at 0.
     nextChunk = 0;
     store.reset();
     player.reset();
     visions.clear();
     if (chosenAvatar) send("avatar.select", { id: chosenAvatar });
-  };
-  socket.onmessage = (event) => {
-    if (typeof event.data === "string") onText(JSON.parse(event.data));
-    else onBinary(event.data);
-  };
-  socket.onclose = (event) => {
-    const delay = Math.min(BACKOFF_MS.max, BACKOFF_MS.first * 2 ** reconnectAttempt) * (0.75 + Math.random() / 2);
-    reconnectAttempt += 1;
-    setConnection(`reconnecting in ${(delay / 1000).toFixed(1)} s`, "down");
-    note("info", `disconnected: ${CLOSE_REASONS[event.code] ?? "closed"} (${event.code}${event.reason ? ` ${event.reason}` : ""})`);
-    setTimeout(connect, delay);
-  };
-}
+  },
+  note,
+});
 
 function send(type, payload) {
-  if (socket && socket.readyState === WebSocket.OPEN) socket.send(message(type, payload));
-  else note("error", "not connected; not sent");
-}
-
-function setConnection(text, state) {
-  ui.connection.textContent = text;
-  ui.connection.className = `pill pill-${state}`;
+  if (!connection.send(type, payload)) note("error", "not connected; not sent");
 }
 
 // --- incoming ----------------------------------------------------------------------
-
-function onText({ type, payload }) {
-  switch (type) {
-    case "config.current":
-      reconnectAttempt = 0;
-      setConnection("live", "ok");
-      showAvatars(payload);
-      break;
-    case "vision":
-      visions.set(payload.frame_id, payload);
-      while (visions.size > 64) visions.delete(visions.keys().next().value);
-      break;
-    case "stats":
-      renderStats(ui.stats, payload);
-      break;
-    case "error":
-      onError(payload);
-      break;
-    default:
-      console.warn("unknown message type", type);
-  }
-}
 
 function onError(payload) {
   if (Number.isInteger(payload.chunk_id)) {
@@ -142,33 +106,15 @@ function onError(payload) {
   note("error", `${payload.code}: ${payload.message}`);
 }
 
-function onBinary(buffer) {
-  let frame;
-  try {
-    frame = decodeFrame(buffer);
-  } catch (e) {
-    note("error", `bad frame from server: ${e.message}`);
-    return;
-  }
-  if (frame.kind !== Kind.OUTPUT_FRAME) return;
-  frame.receivedTs = nowMs();
-  player.show(frame);
-}
-
 function onPainted(item, paintMs) {
   const frame = item.frame;
   const paintedTs = performance.timeOrigin + paintMs;  // the wire clock
-  latency.add(paintedTs - frame.clientTs);
-  split.server.add(frame.receivedTs - frame.clientTs);
-  split.buffer.add(paintedTs - frame.receivedTs);
+  latency.add(paintedTs - frame.clientTs,
+    { server: frame.receivedTs - frame.clientTs, buffer: paintedTs - frame.receivedTs });
   const offset = player.offsetOf(item, paintMs);
   if (Number.isFinite(offset)) avOffset.add(offset);
-  fps.tick();
-  painted += 1;
   ui.idle.hidden = true;
-  const vision = visions.get(frame.frameId);
-  for (const id of visions.keys()) if (id <= frame.frameId) visions.delete(id);
-  lastLipsync = vision?.lipsync ?? lastLipsync;
+  lastLipsync = visions.take(frame.frameId)?.lipsync ?? lastLipsync;
   showMaker(frame.frameId);
 }
 
@@ -208,7 +154,7 @@ function showMaker(frameId) {
   ui.maker.hidden = !l;
   if (!l) return;
   if (typeof l.avatar === "string") ui.avatarName.textContent = l.avatar;
-  ui.generator.textContent = typeof l.generator === "string" ? l.generator : "–";
+  ui.generator.textContent = typeof l.generator === "string" ? (GENERATORS[l.generator] ?? l.generator) : "–";
   const loud = Number.isFinite(l.loudness_db) ? ` ${format(l.loudness_db)} dBFS` : "";
   ui.speech.textContent = `${l.speech ? "speech" : "quiet"}${loud}`;
 }
@@ -217,14 +163,14 @@ function showMaker(frameId) {
 
 function sendChunk(pcm, ts) {
   sourceLevel = Math.max(levelDb(pcm), sourceLevel - 3);  // a meter that falls back slowly
-  if (!socket || socket.readyState !== WebSocket.OPEN) {
+  if (!connection.open) {
     sent.unsent += 1;  // no session to put it in: the stream simply has no such samples
     return;
   }
   const id = nextChunk;
   nextChunk = (nextChunk + 1) >>> 0;
   store.append(id, pcm);
-  socket.send(encodeFrame(Kind.AUDIO_CHUNK, id, ts, pcm16Bytes(pcm)));
+  connection.sendBytes(encodeFrame(Kind.AUDIO_CHUNK, id, ts, pcm16Bytes(pcm)));
   sent.chunks += 1;
   sent.samples += pcm.length;
 }
@@ -304,8 +250,11 @@ async function playFile(file) {
     note("error", text);
     return;
   }
-  // Pad with silence to a whole video frame, so the last words get their frame too.
-  const pad = (SAMPLES_PER_FRAME - ((store.length + samples.length) % SAMPLES_PER_FRAME)) % SAMPLES_PER_FRAME;
+  // Pad with silence to a whole video frame, plus the pipeline's look-ahead: a frame is made
+  // once the audio 0.45 s after it has arrived, so without the tail the file's last words
+  // would never get their frames.
+  const tail = Math.ceil((LOOKAHEAD_S * SAMPLE_RATE) / SAMPLES_PER_FRAME + 1) * SAMPLES_PER_FRAME;
+  const pad = tail + (SAMPLES_PER_FRAME - ((store.length + samples.length) % SAMPLES_PER_FRAME)) % SAMPLES_PER_FRAME;
   const padded = new Int16Array(samples.length + pad);
   padded.set(samples);
   const stream = new FileSource(padded, sendChunk, () => {
@@ -342,15 +291,6 @@ function note(level, text) {
   notes.add(level, text);
 }
 
-function ms(v) {
-  return Number.isFinite(v) ? v.toFixed(Math.abs(v) < 100 ? 1 : 0) : "–";
-}
-
-function e2e() {
-  return { p50: latency.percentile(50), p90: latency.percentile(90), p99: latency.percentile(99),
-    count: latency.samples.length };
-}
-
 function avFigures() {
   const abs = new RollingPercentiles(LATENCY_WINDOW);
   for (const v of avOffset.samples) abs.add(Math.abs(v));
@@ -358,39 +298,28 @@ function avFigures() {
 }
 
 function refreshMeters() {
-  const g = e2e();
+  latency.refresh();
   const av = avFigures();
   const counts = player.counts;
-  ui.fps.textContent = fps.value();
-  ui.p50.textContent = ms(g.p50);
-  ui.p90.textContent = ms(g.p90);
   ui.avP50.textContent = ms(av.p50);
-  ui.e2e.p50.textContent = ms(g.p50);
-  ui.e2e.p90.textContent = ms(g.p90);
-  ui.e2e.p99.textContent = ms(g.p99);
-  ui.e2e.count.textContent = String(g.count);
-  ui.e2e.server.textContent = ms(split.server.percentile(50));
-  ui.e2e.buffer.textContent = ms(split.buffer.percentile(50));
   ui.av.offset.textContent = ms(av.p50);
   ui.av.abs90.textContent = ms(av.abs_p90);
   ui.av.late.textContent = String(counts.late);
   ui.av.skipped.textContent = String(counts.audio_skipped);
   ui.av.rebases.textContent = String(counts.rebases);
   ui.av.chunks.textContent = String(sent.chunks);
-  chart.update(latency.samples, [g.p50, g.p90]);
   sourceLevel = source ? sourceLevel : -100;
   ui.level.style.width = `${Math.max(0, Math.min(100, (sourceLevel + 60) / 60 * 100))}%`;
 }
 
 window.mindMirrorLipSync = Object.freeze({
   snapshot: () => ({
-    connection: ui.connection.textContent, avatars: [...avatars], avatar: shownAvatar, painted,
-    fps: fps.value(), e2e: e2e(), av: avFigures(), sent: { ...sent, seconds: sent.samples / 16000 },
+    connection: connection.status, avatars: [...avatars], avatar: shownAvatar, painted: latency.painted,
+    fps: latency.fps.value(), e2e: latency.summary(), av: avFigures(), sent: { ...sent, seconds: sent.samples / 16000 },
     stored_samples: store.length, player: { ...player.counts }, chunk_samples: CHUNK_SAMPLES,
     lipsync: lastLipsync, audio: audio ? audio.ctx.state : "none", source: ui.sourceStatus.textContent,
   }),
 });
 
-ui.latencyWindow.textContent = String(LATENCY_WINDOW);
 setInterval(refreshMeters, 250);
-connect();
+connection.connect();

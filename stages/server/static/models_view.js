@@ -7,6 +7,7 @@
 // `modelRows` turns either, plus the avatars the page may select, into rows (pure: Node
 // tests it); `renderModels` draws them with a load or unload button each.
 
+import { el } from "./dom.js";
 import { bytes } from "./stats_view.js";
 
 const HELD = new Set(["resident", "loading", "assigned"]);
@@ -130,11 +131,4 @@ export class ModelsCard {
     }
     this.refresh();
   }
-}
-
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
 }

@@ -5,6 +5,8 @@
 // is drawn inside requestAnimationFrame, i.e. in the frame the browser paints next, and
 // `onPainted` runs right there: that moment ends the frame's glass-to-glass time.
 
+import { decodeJpeg, paintBitmap } from "./frame_bitmap.js";
+
 export class Portrait {
   /**
    * @param {HTMLCanvasElement} canvas
@@ -24,15 +26,9 @@ export class Portrait {
     if (this.busy) { this.waiting = frame; return; }
     this.busy = true;
     try {
-      const bitmap = await createImageBitmap(new Blob([frame.payload], { type: "image/jpeg" }));
+      const bitmap = await decodeJpeg(frame);
       await new Promise((resolve) => requestAnimationFrame(resolve));
-      const canvas = this.canvas;
-      if (canvas.width !== bitmap.width || canvas.height !== bitmap.height) {
-        canvas.width = bitmap.width;
-        canvas.height = bitmap.height;
-      }
-      canvas.getContext("2d").drawImage(bitmap, 0, 0);
-      bitmap.close();
+      paintBitmap(this.canvas, bitmap);
       this.onPainted(frame);
     } catch (e) {
       this.onError(frame, e);

@@ -10,6 +10,8 @@
 // only. No value is ever printed as JSON. `statsModel` is pure (testable without a DOM);
 // `renderStats` draws it. Known keys come first in a fixed order so the panel does not jump.
 
+import { el } from "./dom.js";
+
 const ORDER = ["fps", "delivered", "revision", "drops", "server_latency_ms", "sessions", "ranks",
   "stages", "hops", "spans", "server"];
 
@@ -274,11 +276,4 @@ function section(t) {
   box.append(table);
   wrap.append(el("h3", null, t.title), box);
   return wrap;
-}
-
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
 }

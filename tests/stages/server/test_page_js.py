@@ -1,5 +1,7 @@
-"""The page's pure modules under Node.js: stats as tables of numbers, face label placement,
-the latency histogram's buckets. Runs only where Node.js is installed (as test_server_wire_js)."""
+"""The pages' pure modules under Node.js: stats as tables of numbers, face label placement,
+the latency histogram's buckets, and what both pages share (reconnect backoff, the close
+note, visions by frame id, millisecond figures). Runs only where Node.js is installed (as
+test_server_wire_js); ``run`` serves test_page_lipsync_js too."""
 
 from __future__ import annotations
 
@@ -17,13 +19,16 @@ NODE = shutil.which("node")
 pytestmark = pytest.mark.skipif(NODE is None, reason="Node.js not installed")
 
 
-def run_module(tmp_path, imports: str, body: str) -> list:
-    # Node treats a bare .js file as CommonJS; copies named .mjs load as the ES modules they are.
-    for name in ("stats_view", "overlay", "latency_chart"):
-        (tmp_path / f"{name}.mjs").write_bytes((STATIC_DIR / f"{name}.js").read_bytes())
-    script = tmp_path / "check.mjs"
-    script.write_text(imports + "\n" + body)
-    result = subprocess.run([NODE, str(script)], capture_output=True, text=True, timeout=30, check=True)
+def run(tmp_path, body: str) -> list:
+    """Run ``body`` as an ES module beside copies of the pages' modules; one JSON value per line."""
+    # A package.json saying "module" lets Node load the .js files as the ES modules they
+    # are, under their own names, so their imports of each other resolve as in the browser.
+    (tmp_path / "package.json").write_text('{"type": "module"}')
+    for path in STATIC_DIR.glob("*.js"):
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    script = tmp_path / "check.js"
+    script.write_text(body)
+    result = subprocess.run([NODE, str(script)], capture_output=True, text=True, timeout=60, check=True)
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
@@ -40,8 +45,8 @@ def runtime_stats() -> dict:
 
 
 def test_stats_become_tables_of_numbers_never_json(tmp_path):
-    [model] = run_module(tmp_path, 'import { statsModel } from "./stats_view.mjs";',
-                         f"console.log(JSON.stringify(statsModel({json.dumps(runtime_stats())})));")
+    [model] = run(tmp_path, 'import { statsModel } from "./stats_view.js";\n'
+                            f"console.log(JSON.stringify(statsModel({json.dumps(runtime_stats())})));")
     texts = [f["value"] for f in model["figures"]] + [i["value"] for g in model["groups"] for i in g["items"]]
     texts += [c["text"] for t in model["tables"] for rows in (t["head"], t["rows"]) for row in rows for c in row]
     assert all(isinstance(t, str) for t in texts)
@@ -89,7 +94,8 @@ def test_face_labels_go_above_inside_at_the_top_and_never_overlap(tmp_path):
                          {"x": 170, "y": 102, "w": 60, "h": 60, "width": 90}],
         "crowd": [{"x": 10 + 12 * i, "y": 4, "w": 30, "h": 30, "width": 120} for i in range(6)],
     }
-    [placed] = run_module(tmp_path, 'import { placeLabels, overlaps } from "./overlay.mjs";', f"""
+    [placed] = run(tmp_path, f"""
+        import {{ placeLabels, overlaps }} from "./overlay.js";
         const cases = {json.dumps(cases)}; const bounds = {json.dumps(bounds)};
         const out = {{}};
         for (const [name, items] of Object.entries(cases)) {{
@@ -111,7 +117,8 @@ def test_face_labels_go_above_inside_at_the_top_and_never_overlap(tmp_path):
 
 
 def test_latency_histogram_buckets(tmp_path):
-    out = run_module(tmp_path, 'import { histogram, chooseStep } from "./latency_chart.mjs";', """
+    out = run(tmp_path, """
+        import { histogram, chooseStep } from "./latency_chart.js";
         console.log(JSON.stringify(histogram([1, 2, 12, 19, 22, 300], 12)));
         console.log(JSON.stringify(histogram([30, 60, 90, 120, 130], 12)));
         console.log(JSON.stringify([chooseStep(40, 12), chooseStep(40, 12, 10), chooseStep(40, 12, 200), chooseStep(0, 12)]));
@@ -119,3 +126,39 @@ def test_latency_histogram_buckets(tmp_path):
     assert out[0] == {"step": 50, "counts": [5, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0]}  # p95 is 300 ms: 50-ms buckets
     assert out[1] == {"step": 20, "counts": [0, 1, 0, 1, 1, 0, 2, 0, 0, 0, 0, 0]}
     assert out[2] == [5, 10, 5, 5]  # a step that still fits is kept unless far too coarse
+
+
+# --- what both pages share ---
+
+def test_reconnects_back_off_doubling_to_a_cap_and_say_why(tmp_path):
+    [delays, notes] = run(tmp_path, """
+        import { reconnectDelay, closeText } from "./connection.js";
+        console.log(JSON.stringify([0, 1, 2, 3, 4, 5, 10].map((n) => [reconnectDelay(n, 0), reconnectDelay(n, 0.5), reconnectDelay(n, 1)])));
+        console.log(JSON.stringify([closeText({ code: 1006, reason: "" }), closeText({ code: 1013, reason: "busy" }),
+                                    closeText({ code: 4000, reason: "" })]));
+    """)
+    assert [d[1] for d in delays] == [500, 1000, 2000, 4000, 8000, 8000, 8000]  # doubling, capped at 8 s
+    assert all(d[0] == 0.75 * d[1] and d[2] == 1.25 * d[1] for d in delays)    # +-25% jitter
+    assert notes == ["disconnected: server unreachable (1006)",
+                     "disconnected: server full, try again later (1013 busy)", "disconnected: closed (4000)"]
+
+
+def test_frame_visions_are_taken_when_their_frame_is_painted(tmp_path):
+    [out] = run(tmp_path, """
+        import { FrameVisions } from "./frame_visions.js";
+        const v = new FrameVisions(3);
+        for (const id of [1, 2, 3, 4, 5]) v.add({ frame_id: id });  // 1 and 2 pushed out
+        const got = [v.take(1), v.take(4)?.frame_id, [...v.byId.keys()], v.take(4)];
+        v.clear();
+        got.push(v.byId.size);
+        console.log(JSON.stringify(got));
+    """)
+    assert out == [None, 4, [5], None, 0]  # taking 4 forgets 3 (never painted now) and 4 itself
+
+
+def test_milliseconds_keep_steady_decimals(tmp_path):
+    [texts] = run(tmp_path, """
+        import { ms } from "./latency_card.js";
+        console.log(JSON.stringify([24, 99.94, 100, 1234.5, -12.34, -150, NaN, undefined].map(ms)));
+    """)
+    assert texts == ["24.0", "99.9", "100", "1235", "-12.3", "-150", "–", "–"]  # A/V offsets may be negative

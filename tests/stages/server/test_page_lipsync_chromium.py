@@ -34,6 +34,12 @@ FLAGS = ("--autoplay-policy=no-user-gesture-required",)
 SNAPSHOT = "window.mindMirrorLipSync.snapshot()"
 
 
+FILE_FRAMES = 50 + 13
+"""Video frames of the 2 s file as the page sends it: 50, and 13 more of silence (the
+pipeline's 0.45 s look-ahead, rounded up to whole frames, plus one) so its last words get
+their frames."""
+
+
 def write_wav(path: Path, seconds: float = SECONDS, rate: int = 44100) -> Path:
     """Stereo 16-bit: a 220 Hz tone in two 'syllables' a second (so loudness moves)."""
     t = np.arange(int(seconds * rate)) / rate
@@ -69,9 +75,9 @@ async def drive(url: str, port: int, wav: Path, screenshot: Path) -> dict:
         node = (await page.call("DOM.querySelector", nodeId=root, selector="#file"))["nodeId"]
         started = time.monotonic()
         await page.call("DOM.setFileInputFiles", nodeId=node, files=[str(wav)])
-        await page.wait_for(f"{SNAPSHOT}.source.includes('all 2.0 s sent')", 15, "the file streamed")
+        await page.wait_for(f"{SNAPSHOT}.source.includes('all 2.5 s sent')", 15, "the file streamed")
         streamed_s = time.monotonic() - started
-        await page.wait_for(f"{SNAPSHOT}.painted >= 50", 5, "every frame of the file painted")
+        await page.wait_for(f"{SNAPSHOT}.painted >= {FILE_FRAMES}", 5, "every frame of the file painted")
         after_file = await page.evaluate(SNAPSHOT)
         await page.screenshot(screenshot)
 
@@ -125,15 +131,16 @@ def test_lipsync_page_streams_a_wav_and_the_microphone(lipsync_server, lipsync_h
     spectrum = np.abs(np.fft.rfft(pcm))
     assert np.fft.rfftfreq(len(pcm), 1 / 16000)[spectrum.argmax()] == pytest.approx(TONE_HZ, abs=1)
     assert 0.45 < np.abs(pcm).max() < 0.52
-    # ... at the pace it plays: 2 s of audio took about 2 s, and nothing was refused.
-    assert 1.9 < got["streamed_s"] < 5.0, got["streamed_s"]
+    assert not np.any(lipsync_hooks.pcm[session][64000:FILE_FRAMES * 1280])  # then the look-ahead's silence
+    # ... at the pace it plays: 2.5 s of audio took about 2.5 s, and nothing was refused.
+    assert 2.4 < got["streamed_s"] < 5.5, got["streamed_s"]
     file = got["file"]
-    assert file["sent"]["refused"] == 0 and file["sent"]["chunks"] == 100
+    assert file["sent"]["refused"] == 0 and file["sent"]["chunks"] == FILE_FRAMES * 2
 
-    # What the page did with the 50 frames: painted on time, each with its audio.
+    # What the page did with the file's frames: painted on time, each with its audio.
     assert file["lipsync"]["avatar"] == "robot" and file["lipsync"]["generator"] == "echo"
     player = file["player"]
-    assert player["decoded"] == 50 and player["painted"] + player["passed"] == 50
+    assert player["decoded"] == FILE_FRAMES and player["painted"] + player["passed"] == FILE_FRAMES
     assert player["audio_full"] + player["audio_tail"] >= 45, player
     assert file["e2e"]["count"] >= 45 and 40 < file["e2e"]["p50"] < 1000, file["e2e"]
     assert file["av"]["count"] >= 45 and file["av"]["abs_p90"] < 40, file["av"]  # within a frame

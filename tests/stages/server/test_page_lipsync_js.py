@@ -5,31 +5,15 @@ real-time pacing (audio_pcm.js), and the A/V schedule, frame i <-> samples [640 
 from __future__ import annotations
 
 import json
-import shutil
 import struct
-import subprocess
 
 import numpy as np
 import pytest
+from test_page_js import NODE, run
 
-from stages.server.http_routes import STATIC_DIR
 from stages.server.protocol import SAMPLES_PER_VIDEO_FRAME, frame_samples
 
-NODE = shutil.which("node")
 pytestmark = pytest.mark.skipif(NODE is None, reason="Node.js not installed")
-
-
-def run(tmp_path, body: str) -> list:
-    """Run ``body`` as an ES module beside copies of the page's modules; one JSON value per line."""
-    # A package.json saying "module" lets Node load the .js files as the ES modules they
-    # are, under their own names, so their imports of each other resolve as in the browser.
-    (tmp_path / "package.json").write_text('{"type": "module"}')
-    for path in STATIC_DIR.glob("*.js"):
-        (tmp_path / path.name).write_bytes(path.read_bytes())
-    script = tmp_path / "check.js"
-    script.write_text(body)
-    result = subprocess.run([NODE, str(script)], capture_output=True, text=True, timeout=60, check=True)
-    return [json.loads(line) for line in result.stdout.splitlines()]
 
 
 # --- PCM16 ---

@@ -1,0 +1,117 @@
+// A page's one WebSocket to /ws on its own origin (protocol: wire.js), kept open.
+//
+// It reconnects with exponential backoff and shows its state in the header's pill:
+// "connecting…", "reconnecting in 1.2 s", and "live" once the server's `config.current`
+// says the session is up. Text messages go to the page's handler for their `type`;
+// binary ones are decoded, and output frames go to `onFrame` stamped with `receivedTs`.
+
+import { Kind, decodeFrame, message, nowMs } from "./wire.js";
+
+export const BACKOFF_MS = { first: 500, max: 8000 };
+const CLOSE_REASONS = {
+  1001: "server going away", 1006: "server unreachable", 1009: "message too big",
+  1011: "server error", 1013: "server full, try again later",
+};
+
+/** Milliseconds to wait before reconnect `attempt` (0, 1, ...): doubling up to a cap, ±25%. */
+export function reconnectDelay(attempt, random = Math.random()) {
+  return Math.min(BACKOFF_MS.max, BACKOFF_MS.first * 2 ** attempt) * (0.75 + random / 2);
+}
+
+/** The note for a closed socket: "disconnected: server unreachable (1006)". */
+export function closeText({ code, reason }) {
+  return `disconnected: ${CLOSE_REASONS[code] ?? "closed"} (${code}${reason ? ` ${reason}` : ""})`;
+}
+
+export class Connection {
+  /**
+   * @param {HTMLElement} pill the header's connection state
+   * @param {{messages: Object<string, (payload: object) => void>, onFrame: (frame: object) => void,
+   *   note: (level: string, text: string) => void, onOpen?: () => void, onClose?: () => void}} hooks
+   *   `messages` has a handler per text message type; onOpen and onClose run first thing
+   *   when a socket opens or closes (a new socket is a new session)
+   */
+  constructor(pill, { messages, onFrame, note, onOpen = () => {}, onClose = () => {} }) {
+    this.pill = pill;
+    this.messages = new Map(Object.entries(messages));
+    this.onFrame = onFrame;
+    this.note = note;
+    this.onOpen = onOpen;
+    this.onClose = onClose;
+    this.socket = null;
+    this.attempt = 0;  // reconnects since the last session that went live
+  }
+
+  connect() {
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    const socket = new WebSocket(`${scheme}://${location.host}/ws`);
+    this.socket = socket;
+    socket.binaryType = "arraybuffer";
+    this.#show("connecting…", "wait");
+    socket.onopen = () => this.onOpen();
+    socket.onmessage = (event) => {
+      if (typeof event.data === "string") this.#onText(JSON.parse(event.data));
+      else this.#onBinary(event.data);
+    };
+    socket.onclose = (event) => {
+      this.onClose();
+      const delay = reconnectDelay(this.attempt);
+      this.attempt += 1;
+      this.#show(`reconnecting in ${(delay / 1000).toFixed(1)} s`, "down");
+      this.note("info", closeText(event));
+      setTimeout(() => this.connect(), delay);
+    };
+  }
+
+  get open() {
+    return this.socket?.readyState === WebSocket.OPEN;
+  }
+
+  /** What the pill says ("live", "connecting…", ...). */
+  get status() {
+    return this.pill.textContent;
+  }
+
+  /** Send a text message; false when there is no open socket. */
+  send(type, payload) {
+    if (!this.open) return false;
+    this.socket.send(message(type, payload));
+    return true;
+  }
+
+  /** Send a binary message; false when there is no open socket or more than
+   *  `maxBufferedBytes` wait in it already (the socket is backed up). */
+  sendBytes(data, maxBufferedBytes = Infinity) {
+    if (!this.open || this.socket.bufferedAmount > maxBufferedBytes) return false;
+    this.socket.send(data);
+    return true;
+  }
+
+  #onText({ type, payload }) {
+    if (type === "config.current") {  // the server's word that this session is up
+      this.attempt = 0;
+      this.#show("live", "ok");
+    }
+    const handler = this.messages.get(type);
+    if (handler) handler(payload);
+    else console.warn("unknown message type", type);
+  }
+
+  #onBinary(buffer) {
+    let frame;
+    try {
+      frame = decodeFrame(buffer);
+    } catch (e) {
+      this.note("error", `bad frame from server: ${e.message}`);
+      return;
+    }
+    if (frame.kind !== Kind.OUTPUT_FRAME) return;
+    frame.receivedTs = nowMs();
+    this.onFrame(frame);
+  }
+
+  #show(text, state) {
+    this.pill.textContent = text;
+    this.pill.className = `pill pill-${state}`;
+  }
+}
