@@ -264,7 +264,7 @@ class LipsyncStage(Stage):
         registry = getattr(self, "registry", None)
         if registry is None:
             return None
-        return {"device": str(self.device), "stats": registry.stats(), "models": registry.list()}
+        return {"device": str(self.device), **registry.report()}
 
     def command(self, command: dict[str, Any]) -> None:
         action, key = command.get("action"), str(command.get("key"))

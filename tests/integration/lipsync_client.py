@@ -1,7 +1,6 @@
 """Speech for the lip-sync tests and a page stand-in that talks it over a real WebSocket.
 
-``espeak_speech`` synthesises real English speech offline with espeak-ng (a Debian
-package; CI installs it) and brings it to the pipeline's 16 kHz PCM16. ``talk`` streams
+The speech itself comes from ``runtime.bench.speech`` (espeak-ng). ``talk`` streams
 it in 20 ms chunks at real-time pace, as the page does with the microphone or a WAV file,
 and records every frame and message that comes back.
 """
@@ -9,40 +8,17 @@ and records every frame and message that comes back.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
-import tempfile
 import time
-import wave
-from pathlib import Path
 
 import cv2
 import numpy as np
 
+from runtime.bench.speech import RATE, espeak_speech, have_espeak  # noqa: F401 (re-exported for the tests)
 from stages.server.protocol import BinaryFrame, Kind, encode_frame
 from tests.integration.mirror_client import MirrorClient, Received
 
-RATE = 16_000
 CHUNK = 320  # 20 ms
 FRAME_SAMPLES = 640  # one video frame at 25 fps
-
-
-def have_espeak() -> bool:
-    return shutil.which("espeak-ng") is not None
-
-
-def espeak_speech(text: str, lead_s: float = 0.6, tail_s: float = 1.2) -> np.ndarray:
-    """``text`` spoken by espeak-ng as int16 mono 16 kHz, between stretches of digital silence."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "speech.wav"
-        subprocess.run(["espeak-ng", "-v", "en", "-s", "150", "-w", str(path), text], check=True)
-        with wave.open(str(path)) as wav:
-            rate, raw = wav.getframerate(), wav.readframes(wav.getnframes())
-    speech = np.frombuffer(raw, np.int16).astype(np.float64)
-    times = np.arange(int(len(speech) * RATE / rate)) / RATE
-    resampled = np.interp(times, np.arange(len(speech)) / rate, speech)  # espeak's 22050 Hz -> 16 kHz
-    pad = [np.zeros(int(lead_s * RATE)), resampled, np.zeros(int(tail_s * RATE))]
-    return np.concatenate(pad).round().clip(-32768, 32767).astype(np.int16)
 
 
 def frame_loudness_db(pcm: np.ndarray, frames: int) -> np.ndarray:

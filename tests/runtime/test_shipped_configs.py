@@ -9,13 +9,14 @@ from runtime.config import load_config
 from runtime.planner import plan
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
-LAYOUT = {"local.yaml": (1, 1), "mirror-2node.yaml": (8, 2), "mirror-diffusion.yaml": (8, 2)}
+LAYOUT = {"local.yaml": (1, 1), "mirror-2node.yaml": (8, 2), "mirror-diffusion.yaml": (8, 2),
+          "lipsync.yaml": (4, 1), "lipsync-local.yaml": (1, 1)}
 """(world size, nodes) each config is written for (its header comment); others: 3 ranks, 1 node."""
 
 
 def test_configs_are_found():
     assert {p.name for p in CONFIGS} >= {"local.yaml", "mirror.yaml", "mirror-lowfi.yaml", "mirror-2node.yaml",
-                                         "mirror-diffusion.yaml"}
+                                         "mirror-diffusion.yaml", "lipsync.yaml", "lipsync-local.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import ast
-import shutil
-import subprocess
-import wave
 from pathlib import Path
 
 import librosa
@@ -14,6 +11,7 @@ import pytest
 import torch
 
 from stages.lipsync import mel as M
+from tests.stages.lipsync.speech_util import espeak_16k
 
 LIPSYNC = Path(__file__).resolve().parents[3] / "stages" / "lipsync"
 
@@ -28,22 +26,10 @@ def wav2lip_reference(x: np.ndarray) -> np.ndarray:
     return np.clip(8 * ((db + 100) / 100) - 4, -4, 4)
 
 
-def espeak_16k(text: str, tmp_path: Path) -> np.ndarray:
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed")
-    out = tmp_path / "speech.wav"
-    subprocess.run(["espeak-ng", "-v", "en", "-s", "150", "-w", str(out), text], check=True)
-    with wave.open(str(out)) as w:
-        rate = w.getframerate()
-        pcm = np.frombuffer(w.readframes(w.getnframes()), np.int16)
-    return librosa.resample(pcm.astype(np.float32) / 32768, orig_sr=rate, target_sr=16000).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory) -> np.ndarray:
     """Real speech with digital silence before and low noise after (the floor matters)."""
-    voice = espeak_16k("Mirror, mirror on the wall, who speaks the clearest of them all?",
-                       tmp_path_factory.mktemp("mel"))
+    voice = espeak_16k("Mirror, mirror on the wall, who speaks the clearest of them all?")
     noise = 1e-3 * np.random.default_rng(0).standard_normal(5_000).astype(np.float32)
     return np.concatenate([np.zeros(3_001, np.float32), voice, noise])
 

@@ -8,12 +8,7 @@ own signal is loud there, and as "silence" when it is far from any such frame.
 from __future__ import annotations
 
 import math
-import shutil
-import subprocess
-import wave
-from pathlib import Path
 
-import librosa
 import numpy as np
 import pytest
 import torch
@@ -25,26 +20,15 @@ from stages.lipsync.speech_activity import (
     silero_model,
     silero_path,
 )
+from tests.stages.lipsync.speech_util import espeak_16k
 
 FRAME = 640
-
-
-def espeak_16k(text: str, tmp_path: Path) -> np.ndarray:
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed")
-    out = tmp_path / "speech.wav"
-    subprocess.run(["espeak-ng", "-v", "en", "-s", "150", "-w", str(out), text], check=True)
-    with wave.open(str(out)) as w:
-        rate = w.getframerate()
-        pcm = np.frombuffer(w.readframes(w.getnframes()), np.int16)
-    return librosa.resample(pcm.astype(np.float32) / 32768, orig_sr=rate, target_sr=16000).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory) -> tuple[np.ndarray, np.ndarray]:
     """(samples, voiced) with voiced[i] = espeak's voice is loud in video frame i."""
-    voice = espeak_16k("The quick brown fox jumps over the lazy dog, and then it rests.",
-                       tmp_path_factory.mktemp("vad"))
+    voice = espeak_16k("The quick brown fox jumps over the lazy dog, and then it rests.")
     noise = (10 ** (-60 / 20) * np.random.default_rng(0).standard_normal(32_000)).astype(np.float32)
     silence = np.zeros(32_000, np.float32)
     parts = [silence, voice, noise, voice, silence[:20_000], noise[:7_777]]
