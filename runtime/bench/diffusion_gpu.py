@@ -27,10 +27,9 @@ CPU with the tiny model. ``time_render`` is the render timing the CPU part uses 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -39,7 +38,7 @@ import torch
 from runtime.bench import diffusion_models as models
 from runtime.bench.progress import Progress
 from runtime.bench.results import Target
-from runtime.bench.stage_harness import Timing, release, sync, time_calls
+from runtime.bench.stage_harness import Timing, recompile_limit, release, sync, time_calls
 from runtime.bench.stats import median
 from stages.diffusion.prompts import PromptEmbedding
 from stages.diffusion.realtime import RealtimeImg2Img
@@ -247,21 +246,6 @@ def gpu_part(quick: bool, progress: Progress) -> tuple[list[dict[str, Any]], dic
         del bench, unet, autoencoders
         release(device)
     return rows, details
-
-
-@contextlib.contextmanager
-def recompile_limit(limit: int) -> Iterator[None]:
-    """Dynamo's recompile limit raised to at least ``limit`` while the block runs."""
-    import torch._dynamo
-
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its name before 2.6
-    saved = getattr(config, name)
-    setattr(config, name, max(saved, limit))
-    try:
-        yield
-    finally:
-        setattr(config, name, saved)
 
 
 def gpu_targets(rows: list[dict[str, Any]], gpu: dict[str, Any] | None) -> list[Target]:

@@ -10,14 +10,16 @@ What both sections need to build a stage as a rank builds it and feed it the fix
 - ``style_weights``: the style net's weights file; while the shipped one is missing, a
   stand-in of the same shape (random values, so every figure can still be measured: a
   dense float network costs the same whatever its weights; the notes say so);
-- ``time_calls``: median-ready samples of one call, synchronised on CUDA.
+- ``time_calls``: median-ready samples of one call, synchronised on CUDA;
+- ``recompile_limit``: room for every compiled variant a GPU part asks of torch.compile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,3 +147,20 @@ def time_calls(call: Callable[[Any], Any], make_input: Callable[[], Any], device
         sync(device)
         samples.append((time.perf_counter() - started) * 1000.0)
     return samples
+
+
+@contextlib.contextmanager
+def recompile_limit(limit: int) -> Iterator[None]:
+    """Dynamo's recompile limit raised to at least ``limit`` while the block runs: each batch
+    size (and dtype) a GPU part compiles is one more variant of the same function, and past
+    the limit torch silently runs eager, which would time the wrong thing."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its name before 2.6
+    saved = getattr(config, name)
+    setattr(config, name, max(saved, limit))
+    try:
+        yield
+    finally:
+        setattr(config, name, saved)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from runtime.bench import lipsync_gpu as bench
-from runtime.bench.lipsync_gpu import (
+from runtime.bench import lipsync_gpu_report as report
+from runtime.bench.lipsync_gpu_plan import (
     COMPILED,
     COMPILED_GRAPHS,
     EAGER,
@@ -20,10 +21,10 @@ from runtime.bench.lipsync_gpu import (
     PLANS,
     Budget,
     Case,
-    StreamRun,
-    simulate_streams,
-    stream_capacity,
+    dtype_name,
+    tiny_plan,
 )
+from runtime.bench.lipsync_streams import StreamRun, capacity_guess, simulate_streams, stream_capacity
 from runtime.bench.options import BenchOptions
 from runtime.bench.progress import Progress
 
@@ -143,8 +144,8 @@ def test_the_search_starts_from_a_guess_above_or_below_the_answer():
 def test_the_guess_is_what_the_best_short_batch_could_feed():
     # 32 frames in 16 ms feed 32 / 16 ms = 2 frames per ms = 80 streams at 25 fps; the
     # 64-frame batch takes longer than half the latency budget and does not count.
-    assert bench.capacity_guess({1: 4.0, 8: 8.0, 32: 16.0, 64: 30.0}) == 80
-    assert bench.capacity_guess({1: 200.0}) == 1  # nothing fast enough: start at 1
+    assert capacity_guess({1: 4.0, 8: 8.0, 32: 16.0, 64: 30.0}) == 80
+    assert capacity_guess({1: 200.0}) == 1  # nothing fast enough: start at 1
 
 
 def test_the_search_stops_at_its_limit_and_says_so():
@@ -210,15 +211,15 @@ def test_targets_take_the_best_rows_and_say_when_nothing_was_measured():
              "distinct_avatars": 80},
             {"streams": 200, "streams_text": "200", "avatars": 10, "case": "10 avatars, grouped",
              "distinct_avatars": 10}]
-    single, batched, streams = bench.gpu_targets(rows, {"device": "NVIDIA H200"})
+    single, batched, streams = report.gpu_targets(rows, {"device": "NVIDIA H200"})
     assert single.met and single.measured.startswith("4.00 ms (bf16, eager + CUDA graph")
     assert batched.met and batched.measured.startswith("3,200 frames/s (bf16, compiled, batch 32")
     # 10 avatars cannot show 60 distinct ones: the 100-avatar search counts.
     assert streams.met and streams.measured.startswith("80 streams (100 avatars, stacked; 80 distinct")
     assert "RTX 6000 Ada" in single.goal and "15-18 ms per frame" in batched.goal
     rows[4]["streams"] = 40
-    assert bench.gpu_targets(rows, {"device": "x"})[2].met is False
-    for target in bench.gpu_targets([], None):
+    assert report.gpu_targets(rows, {"device": "x"})[2].met is False
+    for target in report.gpu_targets([], None):
         assert target.met is None and target.measured == "not measured: no CUDA device"
 
 
@@ -226,9 +227,9 @@ def test_without_cuda_the_gpu_part_is_skipped_at_once(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench.gpu_steps(quick=False) == 1
     progress = quiet_progress()
-    result = bench.gpu_section(BenchOptions(out_dir=tmp_path), progress)
-    assert result.skipped == bench.NO_CUDA and result.rows == [] and progress.done == 1
-    assert bench.gpu_notes(None) == [bench.NO_CUDA]
+    result = report.gpu_section(BenchOptions(out_dir=tmp_path), progress)
+    assert result.skipped == report.NO_CUDA and result.rows == [] and progress.done == 1
+    assert report.gpu_notes(None) == [report.NO_CUDA]
 
 
 # ------------------------------------------------------------------ the measurement itself
@@ -236,7 +237,7 @@ def test_without_cuda_the_gpu_part_is_skipped_at_once(monkeypatch, tmp_path):
 def check_rows(rows: list[dict], plan, device_type: str) -> None:
     timed = [r for r in rows if "ms_batch" in r]
     assert [(r["dtype"], r["mode"], r["batch"]) for r in timed] == [
-        (bench.dtype_name(c.dtype), c.mode, c.batch) for c in plan.cases()]
+        (dtype_name(c.dtype), c.mode, c.batch) for c in plan.cases()]
     for row in timed:
         assert row["device"] == device_type and row["calls"] >= 1
         assert math.isfinite(row["ms_batch"]) and row["ms_batch"] > 0 and row["first_call_s"] > 0
@@ -251,7 +252,7 @@ def check_rows(rows: list[dict], plan, device_type: str) -> None:
 
 def test_the_measurement_runs_end_to_end_on_the_cpu_with_a_tiny_plan():
     # The CPU takes ~100 ms per half-width frame: no stream is sustained, but every part runs.
-    plan = dataclasses.replace(bench.tiny_plan(torch.device("cpu")), batches=(1,), avatar_counts=(2,),
+    plan = dataclasses.replace(tiny_plan(torch.device("cpu")), batches=(1,), avatar_counts=(2,),
                                duration_s=0.12)
     progress = quiet_progress(len(plan.cases()) + len(plan.stream_searches()) + 1)
     rows, details = bench.measure(plan, torch.device("cpu"), progress)
@@ -261,18 +262,18 @@ def test_the_measurement_runs_end_to_end_on_the_cpu_with_a_tiny_plan():
     (compare,) = details["compare"]
     assert compare["models"] == 2 and compare["grouped_ms"] > 0 and compare["stacked_ms"] > 0
     assert details["avatar_mib"] == pytest.approx(11.93, abs=0.01)
-    notes = bench.gpu_notes(details)
+    notes = report.gpu_notes(details)
     assert "random weights (timing only" in notes[0] and "3.10 M parameters" in notes[0]
 
 
 @needs_cuda
 def test_a_tiny_plan_runs_on_the_gpu():
     device = torch.device("cuda:0")
-    plan = bench.tiny_plan(device)
+    plan = tiny_plan(device)
     progress = quiet_progress(len(plan.cases()) + len(plan.stream_searches()) + 1)
     rows, details = bench.gpu_part(quick=True, progress=progress, plan=plan)
     check_rows(rows, plan, "cuda")
     assert details["failed"] == [] and all(r["peak_mib"] > 0 for r in rows if "ms_batch" in r)
     # A GPU serves a half-width frame far within 40 ms: one stream at least.
     assert all(r["streams"] >= 1 for r in rows if "streams" in r)
-    assert len(bench.gpu_targets(rows, details)) == 3
+    assert len(report.gpu_targets(rows, details)) == 3
