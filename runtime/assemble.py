@@ -30,7 +30,8 @@ from runtime.frontdoor import FrontDoor, ModelService, OutputSink
 from runtime.lifecycle import Lifecycle
 from runtime.live_config import LiveConfig
 from runtime.live_view import LiveView
-from runtime.metrics import StageMetrics, link_snapshot
+from runtime.gpu_stats import GpuSampler
+from runtime.metrics import LinkSource, RankSnapshot, StageMetrics, StageSource
 from runtime.planner import LinkKind
 from runtime.session_queue import SessionQueue
 from runtime.stage_loop import Fallback, Inlet, Outlet, Router, StageRunner
@@ -80,18 +81,22 @@ def assemble(part: RankPart, config: JobConfig, links: LinkEnds, live: LiveView,
              health: Callable[[], dict]) -> RankPieces:
     """The control plane's end and, on the server rank, the front end; no runners yet."""
     metrics = {runner.label: StageMetrics(runner.label) for runner in part.runners}
-    data_links = {link.name for link in part.links if link.kind is LinkKind.DATA}
+    data_links = {link.name: link for link in part.links if link.kind is LinkKind.DATA}
     availability = StageAvailability()
     local_stages: dict[tuple[str, int], Stage] = {}  # filled by assemble_runners
 
-    def snapshot() -> dict:
-        ends = {}
-        for name in data_links:
-            ends[name] = [end.stats.snapshot() for end in (links.writers.get(name), links.readers.get(name)) if end]
-        return {"rank": part.rank, "role": part.role,
-                "stages": {label: m.snapshot() for label, m in metrics.items()},
-                "links": {name: link_snapshot(stats) for name, stats in ends.items()},
-                "unavailable": availability.local(), "reports": collect_reports(local_stages)}
+    def queues() -> dict[str, int]:
+        inbox = front.inbox if front is not None else None
+        return {inbox.name: inbox.queued()} if inbox is not None else {}
+
+    snapshot = RankSnapshot(
+        rank=part.rank, role=part.role, node=part.node, pipeline=config.pipeline.name,
+        stages={r.label: StageSource(r.spec.name, r.spec.kind, metrics[r.label]) for r in part.runners},
+        links={name: LinkSource(link.src_rank, link.dst_rank, links.writers.get(name), links.readers.get(name))
+               for name, link in data_links.items()},
+        gpus=GpuSampler([part.device, *(runner.device for runner in part.runners)]), queues=queues,
+        unavailable=availability.local, reports=lambda: collect_reports(local_stages))
+    """What a heartbeat carries (``runtime.metrics.RankSnapshot``)."""
 
     def on_snapshot(rank: int, snap: dict) -> None:
         front.aggregator.on_snapshot(rank, snap)

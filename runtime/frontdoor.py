@@ -212,6 +212,11 @@ class FrontDoor:
     def metrics_text(self) -> bytes:
         return self.aggregator.prometheus_text()
 
+    def trace(self, last: int = 50) -> dict[str, Any]:
+        """The newest ``last`` (1..1000) delivered frames' traces as a Chrome trace JSON
+        object (``GET /trace?last=N``; Perfetto opens it); raises ``ValueError`` otherwise."""
+        return self.aggregator.trace(last)
+
 
 class OutputSink:
     """The last stage's outlet: delivers encoded frames to browser sessions.

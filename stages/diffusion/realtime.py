@@ -53,6 +53,8 @@ class RealtimeImg2Img:
         self.seed = seed
         self.device = model.device
         self.scheduler = model.scheduler
+        self.steps_run = 0
+        """UNet denoising steps run so far, one per image per timestep (``mindmirror_diffusion_steps_total``)."""
         if channels_last:
             model.unet.to(memory_format=torch.channels_last)
             model.autoencoder.to(memory_format=torch.channels_last)
@@ -99,6 +101,7 @@ class RealtimeImg2Img:
                     unconditional, conditional = prediction.chunk(2)
                     prediction = unconditional + self.guidance_scale * (conditional - unconditional)
                 latents = self.scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
+            self.steps_run += batch * len(timesteps)
             return self._decode(latents)
 
     def _encode(self, crops: torch.Tensor) -> torch.Tensor:

@@ -144,6 +144,11 @@ class DiffusionStage(Stage):
         """Why the stage cannot serve (no model configured, not set up), or None."""
         return self._reason
 
+    def report(self) -> dict[str, Any] | None:
+        """Denoising steps run so far, for rank 0's ``mindmirror_diffusion_steps_total``."""
+        loop = self.loop
+        return None if loop is None else {"diffusion": {"steps": loop.steps_run}}
+
     def status(self) -> dict[str, Any]:
         """{"ready": bool, "reason": why not (None when ready)}."""
         return {"ready": self._reason is None, "reason": self._reason}

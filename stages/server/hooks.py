@@ -104,7 +104,15 @@ class PipelineHooks(Protocol):
         """FPS, latency percentiles per stage and hop, drops, per-rank liveness."""
 
     def metrics_text(self) -> bytes:
-        """Prometheus text exposition of the runtime's metrics."""
+        """Prometheus text exposition of the runtime's metrics: every rank's, labelled
+        ``rank``, ``role``, ``node`` (``runtime.prometheus`` lists the names)."""
+
+    def trace(self, last: int) -> dict[str, Any]:
+        """The newest ``last`` (1..1000) completed frames' traces as a Chrome trace JSON
+        object that Perfetto opens: ``{"traceEvents": [...], "displayTimeUnit": "ms",
+        "metadata": {..., "clock_offsets": {rank: {...}}}}``, complete events ("ph": "X",
+        microseconds) per stage and per hop, one process per rank. Raises ``ValueError``
+        for ``last`` out of range. Optional: hooks without it have no ``GET /trace`` (404)."""
 
 
 class SessionSink(Protocol):

@@ -9,6 +9,7 @@ import urllib.request
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.mirror_client import MirrorClient
 from tests.integration.processes import RankProcesses
@@ -78,8 +79,48 @@ def test_three_ranks_default_pipeline(launch):
     assert health["ok"] and [r["device"] for r in health["ranks"]] == ["cpu"] * 3
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'mindmirror_stage_compute_ms{quantile="0.50",stage="vision#0"}' in metrics
+    assert_one_scrape_covers_every_rank(port, frames=len(got.outputs))
+    assert_the_trace_spans_the_ranks(port)
     assert_config_change_reaches_the_generator_rank(port)
     stop_cleanly(ranks)
+
+
+def assert_one_scrape_covers_every_rank(port, frames):
+    """Rank 0's /metrics has the other ranks' histograms and counters, from their heartbeats."""
+    def scrape():
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return {f.name: f for f in text_string_to_metric_families(text)}
+
+    def counts(family, key):
+        return {key(s.labels): s.value for s in family.samples if s.name == family.name + "_count"}
+
+    deadline = time.monotonic() + 5  # the workers' next heartbeat carries their last frames
+    while True:
+        families = scrape()
+        compute = counts(families["mindmirror_stage_compute_seconds"], lambda m: (m["stage"], m["rank"], m["role"]))
+        if min(compute.get(k, 0) for k in (("vision", "1", "vision"), ("generator", "2", "generator"))) >= frames:
+            break
+        assert time.monotonic() < deadline, compute
+    assert {s.labels["rank"]: (s.labels["node"], s.value) for s in families["mindmirror_rank_up"].samples} == {
+        "0": ("0", 1.0), "1": ("0", 1.0), "2": ("0", 1.0)}
+    sent = {s.labels["link"]: s for s in families["mindmirror_link_bytes"].samples}
+    assert sent["vision#0->generator#0"].value >= frames * 640 * 480 * 3
+    assert (sent["vision#0->generator#0"].labels["src_rank"], sent["vision#0->generator#0"].labels["dst_rank"]) == (
+        "1", "2")
+    hops = counts(families["mindmirror_hop_seconds"], lambda m: m["hop"])
+    assert hops["ingest#0->vision#0"] >= frames and hops["vision#0->generator#0"] >= frames
+    waits = counts(families["mindmirror_stage_queue_wait_seconds"], lambda m: (m["stage"], m["rank"]))
+    assert waits[("vision", "1")] >= frames and waits[("generator", "2")] >= frames
+    (latency,) = counts(families["mindmirror_frame_latency_seconds"], lambda m: m["generator"]).items()
+    assert latency[1] >= frames
+
+
+def assert_the_trace_spans_the_ranks(port):
+    trace = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/trace?last=3", timeout=5))
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert {e["pid"] for e in spans if e["name"] in ("vision", "generator")} == {1, 2}
+    assert len([e for e in spans if e["cat"] == "frame"]) == 3 and all(e["dur"] >= 0 for e in spans)
+    assert set(trace["metadata"]["clock_offsets"]) == {"0", "1", "2"}
 
 
 def assert_config_change_reaches_the_generator_rank(port):

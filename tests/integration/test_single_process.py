@@ -116,7 +116,7 @@ def test_health_and_metrics_endpoints(runtime):
     health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5))
     assert health["ok"] and health["ranks"][0]["role"] == "server+ingest+vision+generator+display"
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    assert "mindmirror_output_fps " in metrics and 'mindmirror_rank_up{rank="0"' in metrics
+    assert "mindmirror_output_fps " in metrics and 'mindmirror_rank_up{node="0",rank="0"' in metrics
 
 
 def test_a_session_that_left_leaves_no_state_behind(runtime):

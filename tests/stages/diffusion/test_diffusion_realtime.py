@@ -97,6 +97,7 @@ def test_one_unet_call_per_step_for_the_whole_batch(tiny_model_dir, tiny_autoenc
     model.unet.register_forward_pre_hook(lambda mod, args: seen.append(round(float(args[1]))))
     loop.render(random_crops(4), prompts.get([HAPPY.text, SAD.text, SAD.text, HAPPY.text]))
     assert calls == [4] * len(timesteps) and seen == timesteps
+    assert loop.steps_run == 4 * len(timesteps)  # what the stage reports as diffusion steps
 
 
 def test_the_vae_path_is_deterministic(tiny_model_dir):
