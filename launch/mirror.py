@@ -4,6 +4,8 @@
     torchrun --standalone --nproc-per-node 3 launch/mirror.py # rank 0 web + ingest/display,
                                                               # rank 1 vision, rank 2 generator
     python launch/mirror.py --config configs/mirror-2node.yaml --dry-run --world-size 8 --nnodes 2
+    MINDMIRROR_TOKEN=... python launch/mirror.py --host 0.0.0.0 --tls-cert cert.pem --tls-key key.pem
+                                                              # for browsers on other machines
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from runtime.lifecycle import JobFailed
 from runtime.log import init_logger
 from runtime.placement import PlanError
 from runtime.planner import format_plan, plan
+from stages.server.access import page_url, resolve_token
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,6 +32,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML config; omitted: the embedded default mirror pipeline")
     p.add_argument("--host", help="address the web server binds (overrides server.host)")
     p.add_argument("--port", type=int, help="web server port (overrides server.port)")
+    p.add_argument("--tls-cert", metavar="PEM",
+                   help="certificate (chain) file: serve HTTPS/WSS, which browsers on other machines need "
+                        "for the camera (overrides server.tls_cert)")
+    p.add_argument("--tls-key", metavar="PEM", help="its private key, not encrypted (overrides server.tls_key)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and what every rank runs, then exit")
     p.add_argument("--world-size", type=int, help="with --dry-run: ranks to plan for")
     p.add_argument("--nnodes", type=int, help="with --dry-run: nodes to plan for")
@@ -40,9 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     where = launch_from_env()
     log = init_logger(where.rank, "starting")
-    overrides = {k: v for k, v in {"server.host": args.host, "server.port": args.port}.items() if v is not None}
+    overrides = {k: v for k, v in {"server.host": args.host, "server.port": args.port,
+                                   "server.tls_cert": args.tls_cert, "server.tls_key": args.tls_key}.items()
+                 if v is not None}
     try:
         config = load_config(args.config, overrides)
+        token = resolve_token(config.server.token)  # a bad MINDMIRROR_TOKEN fails here, not at start
         if args.dry_run:
             sys.stdout.write(dry_run(config, args, where) + "\n")
             return 0
@@ -67,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runtime.start()
         if runtime.url:
-            sys.stdout.write(f"Mind Mirror is running: open {runtime.url}\n")
+            sys.stdout.write(f"Mind Mirror is running: open {page_url(runtime.url, token)}\n")
             sys.stdout.flush()
         runtime.wait()
     except JobFailed:

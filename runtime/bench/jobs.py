@@ -34,7 +34,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "launch" / "mirror.py"
-READY = re.compile(r"Mind Mirror is running: open (http://\S+:(\d+)/)")
+READY = re.compile(r"Mind Mirror is running: open (https?://\S+:(\d+)/)")
 """The line ``launch/mirror.py`` prints on rank 0 once every rank is ready."""
 STOPPED = "runtime.rank_runtime: stopped"
 """Each rank logs this as the last step of an orderly stop."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from core.config import check, check_range
+from stages.server.access import check_token, normalize_origin, tls_problem
 
 MiB = 1 << 20
 
@@ -53,6 +54,33 @@ class ServerConfig:
     allow_cross_origin: bool = False
     """Accept WebSocket handshakes whose ``Origin`` differs from the page's host. Off, so a
     foreign web page in the same browser cannot drive the pipeline."""
+    allowed_origins: tuple[str, ...] = ()
+    """Origins (``https://host[:port]``) whose pages may open sessions and POST model
+    actions besides the server's own page; empty: the page's own origin only."""
+    token: str | None = field(default=None, repr=False)
+    """Bearer token required by ``/ws``, ``/metrics``, ``/trace`` and ``POST /models/...``
+    (``Authorization: Bearer`` or ``?token=``); None: the ``MINDMIRROR_TOKEN`` environment
+    variable, and no token when that is unset too. 16..256 URL-safe characters."""
+    tls_cert: str | None = None
+    """PEM certificate (chain) file: with ``tls_key``, the port serves HTTPS and WSS, which
+    browsers on other machines need before they allow the camera. Checked at load."""
+    tls_key: str | None = None
+    """PEM private key of ``tls_cert``, not encrypted."""
+    handshake_timeout_s: float = 10.0
+    """Seconds a connection may take for its TLS handshake and HTTP request (or WebSocket
+    opening handshake) before it is dropped: a client that connects and says nothing
+    holds a socket no longer than this."""
+    max_messages_per_s: float = 200.0
+    """Inbound messages (of any kind) a session may send per second, on average; past it,
+    messages are dropped unread, counted, and the page is told now and then. A page sends
+    at most ~80 (30 fps of camera, 50 audio chunks); the bench client's fastest mode 200."""
+    message_burst: int = 400
+    """Messages a session may send at once above ``max_messages_per_s`` (the token
+    bucket's depth, full when the session opens)."""
+    slow_reader_close_s: float | None = 10.0
+    """Seconds a session may go with a message stuck in its socket (the page stopped
+    reading) before the server closes it with 1008; None: never (TCP backpressure and
+    the bounded queues still cap what it holds)."""
     ping_interval_s: float | None = 20.0
     """Keepalive ping period in seconds; None disables pings."""
     ping_timeout_s: float | None = 20.0
@@ -85,7 +113,24 @@ class ServerConfig:
         check(self.max_audio_chunk_bytes / 32000 <= self.audio_burst_s <= 60, "audio_burst_s",
               f"must be within max_audio_chunk_bytes/32000 ({self.max_audio_chunk_bytes / 32000:g})..60 seconds, "
               f"got {self.audio_burst_s}")
-        check_range(self.model_action_wait_s, "model_action_wait_s", 0.01, 9.0)
+        check_range(self.handshake_timeout_s, "handshake_timeout_s", 0.1, 120)
+        # A model request still unanswered when the handshake times out would be dropped.
+        top = round(0.9 * self.handshake_timeout_s, 3)
+        check(0.01 <= self.model_action_wait_s <= top, "model_action_wait_s",
+              f"must be within 0.01..0.9*handshake_timeout_s ({top:g}) seconds, got {self.model_action_wait_s}")
+        check(0 < self.max_messages_per_s <= 100_000, "max_messages_per_s",
+              f"must be within 0..100000 (exclusive of 0), got {self.max_messages_per_s}")
+        check_range(self.message_burst, "message_burst", 1, 1_000_000)
+        check(self.slow_reader_close_s is None or 0.1 <= self.slow_reader_close_s <= 3600, "slow_reader_close_s",
+              f"must be within 0.1..3600 seconds or null, got {self.slow_reader_close_s}")
+        for i, origin in enumerate(self.allowed_origins):
+            check(isinstance(origin, str) and normalize_origin(origin) is not None, f"allowed_origins[{i}]",
+                  f"must be an origin like 'https://mirror.example:8443' (scheme, host, port; no path), "
+                  f"got {origin!r}")
+        if self.token is not None:
+            problem = check_token(self.token)
+            check(problem is None, "token", problem or "")
+        self._check_tls()
         check_range(self.stats_interval_s, "stats_interval_s", 0.05, 1.0)
         check_range(self.session_out_queue, "session_out_queue", 1, 256)
         check_range(self.session_error_queue, "session_error_queue", 1, 1024)
@@ -95,3 +140,18 @@ class ServerConfig:
         for name in ("close_timeout_s", "start_timeout_s", "stop_timeout_s"):
             value = getattr(self, name)
             check(0 < value <= 120, name, f"must be within 0..120 seconds (exclusive of 0), got {value}")
+
+    def _check_tls(self) -> None:
+        cert, key = self.tls_cert, self.tls_key
+        if cert is None and key is None:
+            return
+        if not check(cert is not None and key is not None, "tls_cert" if cert is None else "tls_key",
+                     "tls_cert and tls_key go together: set both or neither"):
+            return
+        problem = tls_problem(cert, key)
+        if problem is not None:
+            check(False, *problem)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None

@@ -6,8 +6,16 @@ go on. Only ``/ws`` goes on, so one port serves both and the page can find the s
 at its own origin.
 
 Routes: ``GET /`` the mirror page, ``GET /lipsync`` the lip-sync page, their files by
-name, ``GET /health``, ``GET /metrics``, ``GET /models`` (the lip-sync models and
-whether each is loaded) and ``POST /models/{id}/load`` / ``POST /models/{id}/unload``.
+name, ``GET /health``, ``GET /metrics``, ``GET /trace?last=N`` (the newest N frames'
+traces as Chrome trace JSON, for Perfetto: N 1..1000, default 50; 400 for another N, 404
+when the pipeline keeps no traces), ``GET /models`` (the lip-sync models and whether
+each is loaded) and ``POST /models/{id}/load`` / ``POST /models/{id}/unload``.
+
+``access.AccessPolicy`` guards them: a foreign ``Origin`` is refused (403) on ``/ws`` and
+the POSTs; with a token in force, ``/ws``, ``/metrics``, ``/trace`` and the POSTs need
+it (401 with a JSON ``{"error"}`` and ``WWW-Authenticate: Bearer``). The pages, their
+files, ``/health`` and ``GET /models`` stay public.
+
 Answers about models are JSON, errors included (``{"error": ...}``): 400 for an id that
 cannot be one, 404 for an unknown avatar or a pipeline that serves no models, 409 for a
 load that failed, 500 for anything else. ``websockets`` takes no request bodies, so the
@@ -31,14 +39,16 @@ from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from stages.server.access import AccessPolicy, redact, request_token
 from stages.server.hooks import PipelineHooks, hook_or_none
+from stages.server.limits import LimitMetrics
 from stages.server.metrics import ServerMetrics
 from stages.server.protocol import AVATAR_ID, json_safe
 
@@ -51,6 +61,8 @@ MODEL_ACTION = re.compile(r"/models/([^/]*)/(load|unload)")
 NO_MODELS = "this pipeline serves no models"
 ACTION_WAIT_S = 8.0
 """How long a model request is waited for before it is answered 202 (below the handshake's 10 s)."""
+TRACE_LAST = (1, 1000, 50)
+"""``GET /trace?last=N``: smallest, largest and default N."""
 STATIC_DIR = Path(__file__).parent / "static"
 _CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -69,16 +81,22 @@ _CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'
 class HttpRoutes:
     """The ``process_request`` callable of the server."""
 
-    def __init__(self, hooks: PipelineHooks, metrics: ServerMetrics, *, allow_cross_origin: bool,
-                 static_dir: Path = STATIC_DIR, action_wait_s: float = ACTION_WAIT_S) -> None:
+    def __init__(self, hooks: PipelineHooks, metrics: ServerMetrics, *, access: AccessPolicy | None = None,
+                 refusals: LimitMetrics | None = None, static_dir: Path = STATIC_DIR,
+                 action_wait_s: float = ACTION_WAIT_S) -> None:
         self._hooks = hooks
         self._action_wait_s = action_wait_s
         self._metrics = metrics
-        self._allow_cross_origin = allow_cross_origin
+        self._access = access if access is not None else AccessPolicy(token=None)
+        self._refusals = refusals
         self._static = _load_static(static_dir)
 
     def __call__(self, connection: ServerConnection, request: Request) -> Response | Awaitable[Response] | None:
-        path = urlsplit(request.path).path
+        try:
+            url = urlsplit(request.path)
+        except ValueError:  # e.g. "/[": no route has such a path
+            return respond(HTTPStatus.BAD_REQUEST, b"malformed request path\n", "text/plain; charset=utf-8")
+        path = url.path
         method = getattr(request, "method", "GET")  # websockets before 15 parsed GET only
         if method == "POST":
             return self._post(request, path)
@@ -86,11 +104,13 @@ class HttpRoutes:
             return respond(HTTPStatus.METHOD_NOT_ALLOWED, f"method {method} not allowed\n".encode(),
                            "text/plain; charset=utf-8", [("Allow", "GET, POST")])
         if path == WS_PATH:
-            return self._check_origin(request)
+            return self._check_origin(request) or self._check_token(request)
         if path == "/health":
             return self._health()
         if path == "/metrics":
-            return self._metrics_text()
+            return self._check_token(request) or self._metrics_text()
+        if path == "/trace":
+            return self._check_token(request) or self._trace(url.query)
         if path == "/models":
             return self._models()
         if MODEL_ACTION.fullmatch(path):
@@ -110,19 +130,59 @@ class HttpRoutes:
         # Non-browser clients send no Origin and pass.
         if self._same_origin(request):
             return None
-        return respond(HTTPStatus.FORBIDDEN, f"origin {request.headers.get('Origin')} may not connect\n".encode(),
+        return respond(HTTPStatus.FORBIDDEN, f"origin {_origin(request)} may not connect\n".encode(),
                        "text/plain; charset=utf-8")
 
     def _same_origin(self, request: Request) -> bool:
-        origin = request.headers.get("Origin")
-        if origin is None or self._allow_cross_origin:
-            return True
-        host = request.headers.get("Host", "")
-        if urlsplit(origin).netloc.lower() == host.lower():
+        if self._access.origin_allowed(request):
             return True
         log.warning("refused %s %s from origin %s (host %s)", getattr(request, "method", "GET"),
-                    request.path, origin, host)
+                    redact(request.path), _origin(request), request.headers.get_all("Host"))
+        self._count_refusal("origin")
         return False
+
+    def _check_token(self, request: Request) -> Response | None:
+        """None when the request may go on; else a 401 saying what is missing."""
+        if self._access.authorized(request):
+            return None
+        log.warning("refused %s %s: %s", getattr(request, "method", "GET"), redact(request.path),
+                    "no token" if request_token(request) is None else "wrong token")
+        self._count_refusal("token")
+        return _json(HTTPStatus.UNAUTHORIZED, {"error": self._access.refusal(request)},
+                     [("WWW-Authenticate", 'Bearer realm="mindmirror"')])
+
+    def _count_refusal(self, reason: str) -> None:
+        if self._refusals is not None:
+            self._refusals.requests_refused.labels(reason=reason).inc()
+
+    # --- traces ---
+
+    def _trace(self, query: str) -> Response | Awaitable[Response]:
+        low, high, default = TRACE_LAST
+        values = [v for k, v in parse_qsl(query, keep_blank_values=True) if k == "last"]
+        last = default
+        if values:
+            text = values[-1]
+            if not (text.isascii() and text.isdigit() and len(text) <= 6 and low <= int(text) <= high):
+                return _json(HTTPStatus.BAD_REQUEST,
+                             {"error": f"last must be a whole number within {low}..{high}, got {text[:20]!r}"})
+            last = int(text)
+        trace = hook_or_none(self._hooks, "trace")
+        if trace is None:
+            return _json(HTTPStatus.NOT_FOUND, {"error": "this pipeline keeps no traces"})
+        return asyncio.to_thread(self._trace_answer, trace, last)
+
+    @staticmethod
+    def _trace_answer(trace: Callable[[int], Any], last: int) -> Response:
+        """The trace as JSON, built and encoded off the event loop (a thousand frames' worth
+        is a few megabytes)."""
+        try:
+            return _json(HTTPStatus.OK, trace(last))
+        except ValueError as e:  # the hook's own refusal of ``last``
+            return _json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
+        except Exception as e:
+            log.exception("trace(%d) failed", last)
+            return _json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"trace failed: {type(e).__name__}: {e}"})
 
     # --- models ---
 
@@ -134,7 +194,10 @@ class HttpRoutes:
         # A page elsewhere can make the browser POST here (a form needs no CORS): the same
         # check as for sockets keeps it from loading and unloading models.
         if not self._same_origin(request):
-            return _json(HTTPStatus.FORBIDDEN, {"error": f"origin {request.headers.get('Origin')} may not do this"})
+            return _json(HTTPStatus.FORBIDDEN, {"error": f"origin {_origin(request)} may not do this"})
+        refused = self._check_token(request)
+        if refused is not None:
+            return refused
         avatar, action = match.groups()
         if not AVATAR_ID.fullmatch(avatar):
             return _json(HTTPStatus.BAD_REQUEST,
@@ -197,6 +260,12 @@ class HttpRoutes:
         if runtime and not runtime.endswith(b"\n"):
             runtime += b"\n"
         return respond(HTTPStatus.OK, runtime + self._metrics.exposition(), CONTENT_TYPE_LATEST)
+
+
+def _origin(request: Request) -> str:
+    """The request's Origin as a log or an answer may quote it: cut, one line."""
+    origins = request.headers.get_all("Origin")
+    return origins[0][:100] if len(origins) == 1 else f"{len(origins)} Origin headers"
 
 
 def _json(status: HTTPStatus, value: Any, extra: list[tuple[str, str]] | None = None) -> Response:

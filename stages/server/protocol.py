@@ -43,7 +43,7 @@ to this session only, or an ``unknown_avatar`` error). From the server: ``config
 (to every session on each change; for a lip-sync pipeline it also holds ``avatars``, the
 ids a session may select, ``avatar``, the one this session shows, and ``registry``),
 ``vision``, ``stats`` and ``error`` (``{"code", "message"}``, plus ``chunk_id`` when an
-audio chunk was refused).
+audio chunk was refused; ``rate_limited`` says how many messages were dropped unread).
 
 Every rule broken by a peer raises ``ProtocolError`` with a stable ``code`` the page can
 act on and a ``message`` a person can read.
@@ -104,6 +104,9 @@ class ErrorCode(StrEnum):
     AUDIO_RATE = "audio_rate"
     UNKNOWN_AVATAR = "unknown_avatar"
     TOO_MANY_SESSIONS = "too_many_sessions"
+    RATE_LIMITED = "rate_limited"
+    """Messages were dropped unread for going over the session's message rate; sent now
+    and then during a flood, not once per message."""
     INTERNAL = "internal"
 
 
@@ -324,6 +327,12 @@ def error_message(code: ErrorCode | str, message: str, *, chunk_id: int | None =
     if chunk_id is not None:
         payload["chunk_id"] = chunk_id
     return encode_message(ERROR, payload)
+
+
+def describe_exception(e: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of an exception, cut to ``limit`` characters, for an ``internal`` error."""
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def vision_message(frame_id: int, vision: dict[str, Any]) -> str:

@@ -13,7 +13,13 @@ unbounded backlog, nor fall ever further behind live:
   waiting one;
 - ``error``: at most ``session_error_queue`` wait; the oldest go first.
 
-A session of a lip-sync pipeline also holds its avatar selection and its audio rate limit.
+Bounded queues cap what rank 0 holds for a page that stops reading, but not how long it
+holds it: the sender then waits on a full socket forever (and so would the library's
+keepalive pings, queued behind it). ``stalled_s`` says how long the current send has
+waited, so the server can close such a session after ``slow_reader_close_s``.
+
+A session also holds its inbound message rate limit and, for a lip-sync pipeline, its
+avatar selection and audio rate limit.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from stages.server.audio_rate import AudioRateLimit
+from stages.server.limits import MessageRateLimit
 from stages.server.metrics import ServerMetrics
 from stages.server.protocol import AUDIO_SAMPLE_RATE
 
@@ -60,6 +67,8 @@ class SessionCounters:
     frames_dropped: int = 0
     errors_sent: int = 0
     errors_dropped: int = 0
+    messages_dropped: int = 0
+    """Inbound messages dropped unread for going over the session's message rate."""
 
     def as_dict(self, *, audio: bool = False) -> dict[str, int]:
         """The counters; a camera session's (``audio`` False) without the audio ones, an
@@ -77,6 +86,8 @@ class Session:
     """Output frames allowed to wait (``ServerConfig.session_out_queue``)."""
     max_errors: int
     """Error messages allowed to wait (``ServerConfig.session_error_queue``)."""
+    message_limit: MessageRateLimit | None = None
+    """How fast this session may send messages of any kind; None: unlimited."""
     audio_limit: AudioRateLimit | None = None
     """Set for a session of a pipeline that takes audio: how fast it may send."""
     avatar: str | None = None
@@ -86,6 +97,10 @@ class Session:
     _pending: deque[_Entry] = field(default_factory=deque)
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     _closed: bool = False
+    _send_started: float | None = None
+    """When the send in progress began; None between sends."""
+    closing_reason: str | None = None
+    """Set when the server decided to close this session itself (e.g. a slow reader)."""
 
     # --- queueing (event loop only) ---
 
@@ -117,7 +132,9 @@ class Session:
         """This session as the ``stats`` message shows it to its page."""
         audio = self.audio_limit is not None
         summary: dict[str, Any] = {"id": self.id, "uptime_s": round(time.monotonic() - self.opened_at, 3),
-                                   "queued_frames": self._count(Out.FRAME), **self.counters.as_dict(audio=audio)}
+                                   "queued_frames": self._count(Out.FRAME), "queued_bytes": self.queued_bytes(),
+                                   "send_stalled_s": round(self.stalled_s(), 3),
+                                   **self.counters.as_dict(audio=audio)}
         if audio:
             samples = summary.pop("audio_samples_in")
             summary["audio_in_s"] = round(samples / AUDIO_SAMPLE_RATE, 3)
@@ -125,6 +142,15 @@ class Session:
             if self.avatar is not None:
                 summary["avatar"] = self.avatar
         return summary
+
+    def queued_bytes(self) -> int:
+        """Bytes waiting in this session's queue (not yet handed to the socket)."""
+        return sum(len(part) for entry in self._pending for part in entry.parts)
+
+    def stalled_s(self, now: float | None = None) -> float:
+        """Seconds the send in progress has waited for the socket; 0 when none is waiting."""
+        started = self._send_started
+        return 0.0 if started is None else (time.monotonic() if now is None else now) - started
 
     def close(self) -> None:
         """Stop queueing; wakes the sender so it can finish."""
@@ -146,7 +172,9 @@ class Session:
                     await self._wakeup.wait()
                 entry = self._pending.popleft()
                 for part in entry.parts:
+                    self._send_started = time.monotonic()
                     await self.connection.send(part)
+                    self._send_started = None
                 if entry.kind is Out.FRAME:
                     self.counters.frames_out += 1
                     self.metrics.frames_out.inc()

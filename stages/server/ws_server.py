@@ -17,14 +17,23 @@ Binary input goes where the pipeline says (``PipelineHooks.takes()``): camera fr
 ``submit_frame``, or audio chunks, each checked for shape and held to the session's
 ``AudioRateLimit``, to ``submit_audio``. An avatar selection is per session: the server
 keeps it and writes it into every ``config.current`` that session is sent.
+
+Limits (``ServerConfig``): at most ``max_sessions`` sessions (one more is told
+``too_many_sessions`` and closed 1013); inbound messages per session through a token
+bucket (``limits``: the excess is dropped unread, counted, and reported now and then as
+``rate_limited``); ``handshake_timeout_s`` for a connection's TLS and HTTP/WebSocket
+handshake; and a page that stops reading, which TCP backpressure already keeps from
+costing more than its bounded queues, is closed with 1008 once nothing could be sent to
+it for ``slow_reader_close_s``. Who may connect is ``access``'s business (origins, token,
+TLS).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any, Self
@@ -35,13 +44,16 @@ from websockets.frames import CloseCode
 
 from core.config import ConfigError
 from stages.server import protocol
+from stages.server.access import AccessPolicy, exposure_warnings, page_url, resolve_token, server_ssl_context
 from stages.server.audio_rate import AudioRateLimit
 from stages.server.config import ServerConfig
 from stages.server.hooks import AUDIO, PipelineHooks, hook_or_none, pipeline_takes
 from stages.server.http_routes import HttpRoutes
+from stages.server.limits import LimitMetrics, MessageRateLimit
 from stages.server.metrics import ServerMetrics
 from stages.server.protocol import BinaryFrame, ErrorCode, Kind, ProtocolError
 from stages.server.session import Session
+from stages.server.session_watch import SessionWatch
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +69,13 @@ class WebServer:
         self.config = config
         self._hooks = hooks
         self._metrics = ServerMetrics()
-        self._routes = HttpRoutes(hooks, self._metrics, allow_cross_origin=config.allow_cross_origin,
+        self._limits = LimitMetrics(self._metrics.registry)
+        self._token = resolve_token(config.token)  # ConfigError for a bad MINDMIRROR_TOKEN
+        self._ssl: ssl.SSLContext | None = (server_ssl_context(config.tls_cert, config.tls_key)
+                                            if config.tls_cert and config.tls_key else None)
+        access = AccessPolicy(token=self._token, allowed_origins=config.allowed_origins,
+                              allow_cross_origin=config.allow_cross_origin)
+        self._routes = HttpRoutes(hooks, self._metrics, access=access, refusals=self._limits,
                                   action_wait_s=config.model_action_wait_s)
         self._sessions: dict[str, Session] = {}  # event loop only
         self._session_count = 0  # a copy other threads may read
@@ -68,7 +86,8 @@ class WebServer:
         self._stop_requested: asyncio.Event | None = None
         self._stopping = False
         self._port: int | None = None
-        self._started_at = time.monotonic()
+        self._watch = SessionWatch(self._sessions, hooks, self._limits, close_timeout_s=config.close_timeout_s,
+                                   stats_interval_s=config.stats_interval_s)
 
     # --- lifecycle (any thread) ---
 
@@ -114,17 +133,38 @@ class WebServer:
 
     @property
     def url(self) -> str:
-        """The page's address, e.g. ``http://127.0.0.1:8765/``."""
+        """The page's address, e.g. ``http://127.0.0.1:8765/`` (``https`` with TLS)."""
         host = self.config.host
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1"  # a wildcard bind is reachable on loopback
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self.port}/"
+        return f"{'https' if self._ssl is not None else 'http'}://{host}:{self.port}/"
+
+    @property
+    def page_url(self) -> str:
+        """``url`` with the token in its query when one is in force: the address to open."""
+        return page_url(self.url, self._token)
+
+    @property
+    def token_required(self) -> bool:
+        return self._token is not None
 
     @property
     def session_count(self) -> int:
         return self._session_count
+
+    def session_stats(self, timeout: float = 2.0) -> list[dict[str, Any]]:
+        """Every open session as its ``stats`` shows it, plus the bytes its socket's write
+        buffer holds: what rank 0 keeps for each page (for soak runs and tests)."""
+        loop = self._loop
+        if loop is None or self._stopping or not loop.is_running():
+            return []
+
+        async def collect() -> list[dict[str, Any]]:
+            return self._watch.describe()
+
+        return asyncio.run_coroutine_threadsafe(collect(), loop).result(timeout)
 
     # --- SessionSink (any thread) ---
 
@@ -188,15 +228,26 @@ class WebServer:
             ping_interval=self.config.ping_interval_s,
             ping_timeout=self.config.ping_timeout_s,
             close_timeout=self.config.close_timeout_s,
+            # Covers the HTTP request and the WebSocket handshake; the TLS handshake gets
+            # the same bound (``ssl_handshake_timeout``), so a silent peer costs a socket
+            # for this long at most.
+            open_timeout=self.config.handshake_timeout_s,
+            ssl=self._ssl,
         )
         self._port = server.sockets[0].getsockname()[1]
-        ticker = asyncio.create_task(self._stats_loop(), name="mm-stats")
-        self._listening.set()
-        log.info("web server listening on %s", self.url)
+        tasks = [asyncio.create_task(self._watch.stats_loop(), name="mm-stats")]
+        if self.config.slow_reader_close_s is not None:
+            tasks.append(asyncio.create_task(self._watch.slow_reader_loop(self.config.slow_reader_close_s),
+                                             name="mm-slow-readers"))
+        log.info("web server listening on %s%s", self.url, " (token required)" if self._token else "")
+        for warning in exposure_warnings(self.config.host, token=self._token is not None, tls=self._ssl is not None):
+            log.warning("%s", warning)
+        self._listening.set()  # after the warnings, so they precede whatever start()'s caller logs
         try:
             await self._stop_requested.wait()
         finally:
-            ticker.cancel()
+            for task in tasks:
+                task.cancel()
             server.close(close_connections=True)
             try:
                 # Leave a margin of stop_timeout_s for the thread to cancel what is left.
@@ -207,12 +258,15 @@ class WebServer:
 
     async def _handle(self, connection: ServerConnection) -> None:
         if len(self._sessions) >= self.config.max_sessions:
+            self._limits.sessions_refused.labels(reason="too_many_sessions").inc()
             await _refuse(connection, ErrorCode.TOO_MANY_SESSIONS,
                           f"the server takes {self.config.max_sessions} sessions at once",
                           CloseCode.TRY_AGAIN_LATER, "too many sessions")
             return
         session = Session(id=uuid.uuid4().hex[:12], connection=connection, metrics=self._metrics,
-                          max_frames=self.config.session_out_queue, max_errors=self.config.session_error_queue)
+                          max_frames=self.config.session_out_queue, max_errors=self.config.session_error_queue,
+                          message_limit=MessageRateLimit(rate=self.config.max_messages_per_s,
+                                                         burst=self.config.message_burst))
         try:
             if pipeline_takes(self._hooks) == AUDIO:
                 session.audio_limit = AudioRateLimit(max_chunks_per_s=self.config.max_audio_chunks_per_s,
@@ -221,8 +275,9 @@ class WebServer:
             config_text = self._config_text(session, self._hooks.config_current())
         except Exception as e:
             log.exception("opening session %s failed", session.id)
-            await _refuse(connection, ErrorCode.INTERNAL, _describe(e), CloseCode.INTERNAL_ERROR,
-                          "session could not open")
+            self._limits.sessions_refused.labels(reason="open_failed").inc()
+            await _refuse(connection, ErrorCode.INTERNAL, protocol.describe_exception(e),
+                          CloseCode.INTERNAL_ERROR, "session could not open")
             return
         self._sessions[session.id] = session
         self._session_count = len(self._sessions)
@@ -233,7 +288,10 @@ class WebServer:
         session.push_config(config_text)
         try:
             async for message in connection:
-                self._dispatch(session, message)
+                if session.message_limit is None or session.message_limit.admit():
+                    self._dispatch(session, message)
+                else:
+                    self._drop_over_rate(session)
         except ConnectionClosed:
             pass  # abnormal closes (e.g. 1009 for an oversize message) end the session too
         finally:
@@ -252,6 +310,17 @@ class WebServer:
             log.info("session %s closed (%s): %s", session.id, connection.close_code,
                      session.counters.as_dict(audio=session.audio_limit is not None))
 
+    def _drop_over_rate(self, session: Session) -> None:
+        """Count a message dropped for the session's rate; tell the page now and then."""
+        assert session.message_limit is not None
+        session.counters.messages_dropped += 1
+        self._limits.messages_dropped.labels(reason="rate").inc()
+        dropped = session.message_limit.notice()
+        if dropped is not None:
+            log.warning("session %s sends too fast: %d message(s) dropped", session.id, dropped)
+            self._route_error(session.id, ErrorCode.RATE_LIMITED,
+                              protocol.error_message(ErrorCode.RATE_LIMITED, session.message_limit.describe(dropped)))
+
     def _dispatch(self, session: Session, message: str | bytes) -> None:
         """Handle one message from the page; nothing it contains may escape this session."""
         try:
@@ -267,7 +336,8 @@ class WebServer:
             self._route_error(session.id, ErrorCode.BAD_CONFIG, protocol.error_message(ErrorCode.BAD_CONFIG, str(e)))
         except Exception as e:
             log.exception("hooks failed on a message of session %s", session.id)
-            self._route_error(session.id, ErrorCode.INTERNAL, protocol.error_message(ErrorCode.INTERNAL, _describe(e)))
+            self._route_error(session.id, ErrorCode.INTERNAL,
+                              protocol.error_message(ErrorCode.INTERNAL, protocol.describe_exception(e)))
 
     def _on_binary(self, session: Session, data: bytes) -> None:
         self._metrics.bytes_in.inc(len(data))
@@ -344,30 +414,6 @@ class WebServer:
         for session in self._sessions.values():
             session.push_config(self._config_text(session, current))
 
-    async def _stats_loop(self) -> None:
-        interval = self.config.stats_interval_s
-        loop = asyncio.get_running_loop()
-        due = loop.time()
-        failing = False
-        while True:
-            due += interval  # a fixed cadence: slow ticks do not push later ones back
-            await asyncio.sleep(max(0.0, due - loop.time()))
-            if not self._sessions:
-                continue
-            try:
-                runtime = self._hooks.stats()
-                failing = False
-            except Exception as e:
-                if not failing:  # once per outage, not once per tick
-                    log.exception("hooks.stats() failed")
-                failing = True
-                runtime = {"error": _describe(e)}
-            server = {"sessions": len(self._sessions),
-                      "uptime_s": round(time.monotonic() - self._started_at, 3)}
-            for session in list(self._sessions.values()):
-                payload = {**runtime, "server": {**server, "session": session.summary()}}
-                session.push_stats(protocol.encode_message(protocol.STATS, payload))
-
     @staticmethod
     def _config_text(session: Session, current: dict[str, Any]) -> str:
         """``config.current`` as this session sees it: a pipeline with avatars says which one
@@ -386,8 +432,3 @@ async def _refuse(connection: ServerConnection, code: ErrorCode, message: str, c
         await connection.close(close_code, reason)
     except ConnectionClosed:
         pass  # it left first
-
-
-def _describe(e: BaseException) -> str:
-    text = f"{type(e).__name__}: {e}"
-    return text if len(text) <= 300 else text[:297] + "..."

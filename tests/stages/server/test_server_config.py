@@ -16,11 +16,19 @@ def test_defaults():
     assert config.max_frame_pixels <= config.max_frame_width * config.max_frame_height
     # One second of 16 kHz PCM16 per chunk, 100 chunks a second, 2 s ahead of real time.
     assert (config.max_audio_chunk_bytes, config.max_audio_chunks_per_s, config.audio_burst_s) == (32000, 100, 2.0)
+    # Hardening: no token, no TLS, own origin only; limits a page never meets.
+    assert (config.token, config.tls_cert, config.tls_key, config.allowed_origins) == (None, None, None, ())
+    assert (config.handshake_timeout_s, config.slow_reader_close_s) == (10.0, 10.0)
+    assert (config.max_messages_per_s, config.message_burst) == (200.0, 400)
 
 
 def test_builds_from_a_yaml_mapping():
     config = build(ServerConfig, {"port": 0, "ping_interval_s": None, "max_sessions": 2}, "server")
     assert (config.port, config.ping_interval_s, config.max_sessions) == (0, None, 2)
+    config = build(ServerConfig, {"allowed_origins": ["https://a.example", "http://b.example:8080"],
+                                  "slow_reader_close_s": None, "token": "0123456789abcdef"}, "server")
+    assert config.allowed_origins == ("https://a.example", "http://b.example:8080")
+    assert (config.slow_reader_close_s, config.token) == (None, "0123456789abcdef")
 
 
 @pytest.mark.parametrize("values, field", [
@@ -46,6 +54,14 @@ def test_builds_from_a_yaml_mapping():
     ({"audio_burst_s": 120.0}, "audio_burst_s"),
     ({"model_action_wait_s": 0.0}, "model_action_wait_s"),
     ({"model_action_wait_s": 10.0}, "model_action_wait_s"),            # past the handshake's own timeout
+    ({"handshake_timeout_s": 2.0}, "model_action_wait_s"),             # 8 s of waiting no longer fits
+    ({"handshake_timeout_s": 0.0}, "handshake_timeout_s"),
+    ({"max_messages_per_s": 0.0}, "max_messages_per_s"),
+    ({"message_burst": 0}, "message_burst"),
+    ({"slow_reader_close_s": 0.0}, "slow_reader_close_s"),
+    ({"allowed_origins": ("*",)}, "allowed_origins[0]"),
+    ({"token": "too-short"}, "token"),
+    ({"tls_cert": "/no/such/cert.pem", "tls_key": "/no/such/key.pem"}, "tls_cert"),
 ])
 def test_refusals_name_the_field(values, field):
     with pytest.raises(ConfigError) as info:
