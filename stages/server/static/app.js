@@ -2,13 +2,18 @@
 //
 // One WebSocket to /ws on this page's origin carries everything (protocol: wire.js).
 // Reconnects with exponential backoff; the camera keeps running meanwhile and simply
-// sends nothing while there is no socket. `window.mindMirror.snapshot()` returns the
-// page's own figures (tests/stages/server/browser_check.py reads them).
+// sends nothing while there is no socket. Where the browser gives this page no camera
+// (plain http:// on an address other than localhost) it says why and what to do, and
+// still shows the pipeline's figures. `window.mindMirror.snapshot()` returns the page's
+// own figures (tests/stages/server/browser_check.py reads them).
 
+import { carryToken } from "./access.js";
 import { Capture } from "./capture.js";
 import { Connection } from "./connection.js";
 import { FrameVisions } from "./frame_visions.js";
+import { JobView } from "./job_view.js";
 import { LatencyCard } from "./latency_card.js";
+import { mediaProblem, showMediaProblem } from "./media_access.js";
 import { Notes } from "./notes.js";
 import { drawFaces } from "./overlay.js";
 import { Portrait } from "./portrait.js";
@@ -24,7 +29,7 @@ const ui = {
   maker: $("maker"), generator: $("generator"), styleName: $("style-name"), styleEmotion: $("style-emotion"),
   latency: $("latency"), latencyWindow: $("latency-window"),
   revision: $("revision"), form: $("config-form"), presets: $("presets"), sessionCount: $("session-count"),
-  stats: $("stats"), messages: $("messages"),
+  stats: $("stats"), job: $("job"), mediaProblem: $("media-problem"), messages: $("messages"),
 };
 
 const MAX_BUFFERED_BYTES = 1 << 20;  // past this the socket is backed up: skip frames
@@ -39,6 +44,7 @@ const latency = new LatencyCard(
     { key: "decode_paint", label: "paint", title: "decode the portrait JPEG, wait for the next paint" },
   ]);
 const notes = new Notes(ui.messages, MAX_MESSAGES);
+const job = new JobView(ui.job);
 let lastVision = null;               // newest `vision` message: the camera's face boxes
 let lastLabels = [];
 let shownVision = null;              // the `vision` of the portrait on screen
@@ -61,7 +67,9 @@ const connection = new Connection(ui.connection, {
       redrawFaces();
     },
     stats: (payload) => {
-      renderStats(ui.stats, payload);
+      job.update(payload);
+      const { ranks, ...rest } = payload;  // ranks: the "Links and ranks" card shows them by node
+      renderStats(ui.stats, rest);
       showSessions(payload.server?.sessions);
     },
     error: (payload) => note("error", `${payload.code}: ${payload.message}`),
@@ -151,6 +159,7 @@ window.mindMirror = Object.freeze({
     fps: latency.fps.value(), g2g: latency.summary(), split_p50_ms: latency.partsP50(),
     histogram: { ...latency.chart.last }, generator: shownVision?.generator ?? null,
     style: shownVision?.style ?? null, faces: lastVision?.faces?.length ?? 0, labels: lastLabels,
+    job: job.snapshot(), camera: cameraProblem ? "unavailable" : "asked",
   }),
   /** Forget latency samples and painted frames, e.g. after a warm-up. */
   resetMeters: () => latency.clear(),
@@ -158,5 +167,9 @@ window.mindMirror = Object.freeze({
 
 setInterval(refreshMeters, 250);
 window.addEventListener("resize", redrawFaces);
-capture.start().catch((e) => note("error", `camera unavailable: ${e.message}`));
+carryToken();
+const cameraProblem = mediaProblem("camera");
+showMediaProblem(ui.mediaProblem, cameraProblem);
+if (cameraProblem) note("error", cameraProblem.title);
+else capture.start().catch((e) => note("error", `camera unavailable: ${e.message}`));
 connection.connect();

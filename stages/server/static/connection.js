@@ -4,18 +4,30 @@
 // "connecting…", "reconnecting in 1.2 s", and "live" once the server's `config.current`
 // says the session is up. Text messages go to the page's handler for their `type`;
 // binary ones are decoded, and output frames go to `onFrame` stamped with `receivedTs`.
+// A server that wants a token gets the one in the page's address (access.js).
 
+import { TOKEN, authFetch, socketUrl } from "./access.js";
 import { Kind, decodeFrame, message, nowMs } from "./wire.js";
 
 export const BACKOFF_MS = { first: 500, max: 8000 };
 const CLOSE_REASONS = {
-  1001: "server going away", 1006: "server unreachable", 1009: "message too big",
+  1001: "server going away", 1006: "server unreachable", 1008: "refused by the server", 1009: "message too big",
   1011: "server error", 1013: "server full, try again later",
 };
 
 /** Milliseconds to wait before reconnect `attempt` (0, 1, ...): doubling up to a cap, ±25%. */
 export function reconnectDelay(attempt, random = Math.random()) {
   return Math.min(BACKOFF_MS.max, BACKOFF_MS.first * 2 ** attempt) * (0.75 + random / 2);
+}
+
+/** Why the server refused the socket, for a person: `status` is what GET /ws with the
+ *  page's token answered (401: no or wrong token, 403: an origin it does not allow). */
+export function refusedText(status, hasToken) {
+  if (status === 401) {
+    return hasToken ? "the server did not accept the token in this page's address (?token=…)"
+      : "the server needs a token: open this page as /?token=… with the server's token (server.token or MINDMIRROR_TOKEN)";
+  }
+  return "the server refused this page's origin: open the page from the server's own address, or add this origin to server.allowed_origins";
 }
 
 /** The note for a closed socket: "disconnected: server unreachable (1006)". */
@@ -43,12 +55,15 @@ export class Connection {
   }
 
   connect() {
-    const scheme = location.protocol === "https:" ? "wss" : "ws";
-    const socket = new WebSocket(`${scheme}://${location.host}/ws`);
+    const socket = new WebSocket(socketUrl(location, TOKEN));  // the token of the page's address, if any
     this.socket = socket;
     socket.binaryType = "arraybuffer";
     this.#show("connecting…", "wait");
-    socket.onopen = () => this.onOpen();
+    let opened = false;
+    socket.onopen = () => {
+      opened = true;
+      this.onOpen();
+    };
     socket.onmessage = (event) => {
       if (typeof event.data === "string") this.#onText(JSON.parse(event.data));
       else this.#onBinary(event.data);
@@ -59,6 +74,7 @@ export class Connection {
       this.attempt += 1;
       this.#show(`reconnecting in ${(delay / 1000).toFixed(1)} s`, "down");
       this.note("info", closeText(event));
+      if (!opened) this.#askWhy();
       setTimeout(() => this.connect(), delay);
     };
   }
@@ -85,6 +101,17 @@ export class Connection {
     if (!this.open || this.socket.bufferedAmount > maxBufferedBytes) return false;
     this.socket.send(data);
     return true;
+  }
+
+  /** A handshake the server refused (no token, a wrong one, another origin) closes as 1006
+   *  here, just like a server that is down; asking GET /ws with the same token tells which. */
+  async #askWhy() {
+    try {
+      const response = await authFetch("ws", { cache: "no-store" });
+      if (response.status === 401 || response.status === 403) this.note("error", refusedText(response.status, TOKEN !== null));
+    } catch {
+      // unreachable: the close note says so already
+    }
   }
 
   #onText({ type, payload }) {

@@ -8,6 +8,7 @@
 // chunk ids and sample numbers all restart at 0 and the page's copies are cleared.
 // `window.mindMirrorLipSync.snapshot()` returns the page's figures (for tests).
 
+import { carryToken } from "./access.js";
 import { MicSource, FileSource, decodeFile, micErrorText } from "./audio_in.js";
 import { CHUNK_SAMPLES, levelDb, pcm16Bytes } from "./audio_pcm.js";
 import { AvPlayer } from "./av_player.js";
@@ -23,7 +24,9 @@ const GENERATORS = {
 };
 import { Connection } from "./connection.js";
 import { FrameVisions } from "./frame_visions.js";
+import { JobView } from "./job_view.js";
 import { LATENCY_WINDOW, LatencyCard, ms } from "./latency_card.js";
+import { mediaProblem, showMediaProblem } from "./media_access.js";
 import { RollingPercentiles } from "./meters.js";
 import { ModelsCard } from "./models_view.js";
 import { Notes } from "./notes.js";
@@ -39,8 +42,8 @@ const ui = {
   sourceStatus: $("source-status"), level: $("level-bar"), sound: $("sound"), soundBlocked: $("sound-blocked"),
   av: { offset: $("av-offset"), abs90: $("av-abs90"), late: $("late"), skipped: $("skipped"),
     rebases: $("rebases"), chunks: $("chunks") },
-  latency: $("latency"), latencyWindow: $("latency-window"), stats: $("stats"),
-  models: $("models"), messages: $("messages"),
+  latency: $("latency"), latencyWindow: $("latency-window"), stats: $("stats"), job: $("job"),
+  mediaProblem: $("media-problem"), models: $("models"), messages: $("messages"),
 };
 
 const latency = new LatencyCard(
@@ -51,6 +54,8 @@ const latency = new LatencyCard(
   ]);
 const avOffset = new RollingPercentiles(LATENCY_WINDOW);
 const notes = new Notes(ui.messages);
+const job = new JobView(ui.job);
+const micProblem = mediaProblem("microphone");  // null where the page may ask for the microphone
 const store = new PcmStore();
 const models = new ModelsCard(ui.models, (level, text) => note(level, text));
 const player = new AvPlayer(ui.canvas, store, {
@@ -72,7 +77,11 @@ const connection = new Connection(ui.connection, {
   messages: {
     "config.current": showAvatars,
     vision: (payload) => visions.add(payload),
-    stats: (payload) => renderStats(ui.stats, payload),
+    stats: (payload) => {
+      job.update(payload);
+      const { ranks, ...rest } = payload;  // ranks: the "Links and ranks" card shows them by node
+      renderStats(ui.stats, rest);
+    },
     error: onError,
   },
   onFrame: (frame) => player.show(frame),
@@ -209,7 +218,7 @@ function stopSource(reason = "Stopped.", isError = false) {
   source?.stop();
   source = null;
   ui.stop.disabled = true;
-  ui.mic.disabled = false;
+  ui.mic.disabled = micProblem !== null;
   ui.mic.classList.remove("on");
   setStatus(reason, isError ? "error" : "dim");
 }
@@ -318,8 +327,18 @@ window.mindMirrorLipSync = Object.freeze({
     fps: latency.fps.value(), e2e: latency.summary(), av: avFigures(), sent: { ...sent, seconds: sent.samples / 16000 },
     stored_samples: store.length, player: { ...player.counts }, chunk_samples: CHUNK_SAMPLES,
     lipsync: lastLipsync, audio: audio ? audio.ctx.state : "none", source: ui.sourceStatus.textContent,
+    job: job.snapshot(), microphone: micProblem ? "unavailable" : "allowed",
   }),
 });
 
+// Without a secure page there is no microphone: say why and what to do; a dropped WAV file
+// needs none and still works.
+carryToken();
+showMediaProblem(ui.mediaProblem, micProblem);
+if (micProblem) {
+  ui.mic.disabled = true;
+  ui.mic.title = micProblem.title;
+  setStatus(`${micProblem.title}. A WAV file still works.`, "warn");
+}
 setInterval(refreshMeters, 250);
 connection.connect();

@@ -5,8 +5,10 @@
 //                           "avatars": {id: {"state", "replicas": [r, ...]}}}
 //   a plain list           {"models": [{"id", "loaded", "bytes"}]}
 // `modelRows` turns either, plus the avatars the page may select, into rows (pure: Node
-// tests it); `renderModels` draws them with a load or unload button each.
+// tests it); `renderModels` draws them with a load or unload button each. Both requests
+// carry the page's token, if its address has one (access.js).
 
+import { authFetch } from "./access.js";
 import { el } from "./dom.js";
 import { bytes } from "./stats_view.js";
 
@@ -105,7 +107,7 @@ export class ModelsCard {
 
   async refresh() {
     try {
-      const response = await fetch("models", { cache: "no-store" });
+      const response = await authFetch("models", { cache: "no-store" });
       const body = await response.json();
       if (response.status === 404) {  // a pipeline without models: nothing to poll for
         this.stop(body.error ?? "no models");
@@ -122,7 +124,7 @@ export class ModelsCard {
   async act(id, action, button) {
     button.disabled = true;
     try {
-      const response = await fetch(`models/${encodeURIComponent(id)}/${action}`, { method: "POST" });
+      const response = await authFetch(`models/${encodeURIComponent(id)}/${action}`, { method: "POST" });
       const body = await response.json();
       if (response.status === 202) this.note("info", `${action} ${id}: still running`);
       else if (!response.ok) this.note("error", `${action} ${id}: ${body.error ?? response.status}`);

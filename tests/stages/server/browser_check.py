@@ -4,8 +4,9 @@ Starts a ``WebServer`` on an echoing runtime double that makes a visible "portra
 (OpenCV colour map) and finds faces with OpenCV's Haar cascade, opens the page in
 headless Chromium with Chromium's fake camera, lets it warm up, then measures for
 ``--seconds``: it prints the page's own glass-to-glass latency (camera capture -> portrait
-painted; p50/p90/p99 over the measured frames) and the FPS it painted, any console errors,
-and saves a screenshot::
+painted; p50/p90/p99 over the measured frames), the FPS it painted, the bandwidth of every
+link and the ranks up per node as the page shows them, any console errors, and saves a
+screenshot::
 
     python tests/stages/server/browser_check.py --seconds 8 --out /tmp/mirror.png
 
@@ -69,7 +70,7 @@ MEASURE = """(() => {
   const text = (sel) => [...document.querySelectorAll(sel)].map((e) => e.textContent.trim());
   return {
     painted: s.painted, seconds: s.seconds, fps_meter: s.fps, g2g_ms: s.g2g, split_p50_ms: s.split_p50_ms,
-    histogram: s.histogram,
+    histogram: s.histogram, links: s.job.links, link_totals: s.job.totals, nodes: s.job.nodes,
     generator: s.generator, style: s.style, faces: s.faces, connection: s.connection,
     revision: text('#revision')[0], camera: text('#camera-size')[0], portrait: text('#portrait-info')[0],
     horizontal_scroll: document.documentElement.scrollWidth > window.innerWidth,
@@ -137,10 +138,16 @@ def summary(report: dict) -> str:
 
     split = page.get("split_p50_ms") or {}
     parts = ", ".join(f"{name.replace('_', ' ')} {ms(v)}" for name, v in split.items())
+    def mbps(v):
+        return "–" if v is None else f"{v / 1e6:.3f}"
+
+    links = "; ".join(f"{link['name']} {mbps(link['bytesPerS'])} MB/s" for link in page.get("links", []))
+    nodes = ", ".join(f"{n['node'] or 'node not reported'} {n['up']}/{n['total']} up" for n in page.get("nodes", []))
     return (f"glass-to-glass over {g['count']} frames: p50 {ms(g['p50'])} ms, p90 {ms(g['p90'])} ms, "
             f"p99 {ms(g['p99'])} ms (p50 parts, ms: {parts or 'n/a'}); {fps:.1f} fps painted "
             f"({page['painted']} frames in {page['seconds']:.1f} s); "
-            f"generator {page['generator']}, style {json.dumps(page['style'])}")
+            f"generator {page['generator']}, style {json.dumps(page['style'])}\n"
+            f"links: {links or 'none'}\nranks: {nodes or 'none reported'}")
 
 
 def main() -> None:

@@ -4,8 +4,9 @@
 renderer and GPU processes too, and nothing else) with a throwaway profile and a fake
 camera; it learns the DevTools port from the ``DevToolsActivePort`` file, so any number
 can run at once. ``Page`` is one DevTools session on its tab, over the ``websockets``
-client: calls, ``evaluate``, polling with a deadline, screenshots, and the console
-errors, uncaught exceptions and browser log errors the page produced.
+client: calls, ``evaluate``, polling with a deadline, screenshots, the console errors,
+uncaught exceptions and browser log errors the page produced, and (after
+``watch_network``) the URLs of the WebSockets it opened and the headers of its requests.
 """
 
 from __future__ import annotations
@@ -127,6 +128,10 @@ class Page:
         self._pending: dict[int, asyncio.Future] = {}
         self.problems: list[str] = []
         """Console errors, uncaught exceptions and browser log errors, in order."""
+        self.sockets: list[str] = []
+        """URLs of the WebSockets the page opened (after ``watch_network``)."""
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        """(method, URL, headers) of every request the page made (after ``watch_network``)."""
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
@@ -148,6 +153,10 @@ class Page:
         for domain in ("Runtime", "Log", "Page"):
             await page.call(f"{domain}.enable")
         return page
+
+    async def watch_network(self) -> None:
+        """Record WebSockets and requests from now on (``sockets``, ``requests``)."""
+        await self.call("Network.enable")
 
     async def close(self) -> None:
         self._reader.cancel()
@@ -207,6 +216,11 @@ class Page:
         elif method == "Runtime.exceptionThrown":
             details = params.get("exceptionDetails", {})
             self.problems.append(f"exception: {details.get('exception', {}).get('description') or details.get('text')}")
+        elif method == "Network.webSocketCreated":
+            self.sockets.append(params.get("url", ""))
+        elif method == "Network.requestWillBeSent":
+            request = params.get("request", {})
+            self.requests.append((request.get("method", ""), request.get("url", ""), dict(request.get("headers", {}))))
         elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
             entry = params["entry"]
             self.problems.append(f"log ({entry.get('source')}): {entry.get('text')} {entry.get('url', '')}".strip())

@@ -33,6 +33,11 @@ from stages.server.hooks import SessionSink
 PRESETS = {"calm": {"style": "ink", "strength": 0.4}, "party": {"style": "neon", "strength": 0.9}}
 
 
+PLACES = {0: {"node": "node-a", "device": "cpu"}, 1: {"node": "node-b", "device": "cuda:0"},
+          2: {"node": "node-a", "device": "cuda:0"}}
+"""Where the double's three ranks run, as ``health()`` reports it: two on node-a, one on node-b."""
+
+
 GENERATOR = "echo"
 """What the double reports as the generator of every frame (``vision["generator"]``)."""
 
@@ -64,6 +69,16 @@ class EchoHooks:
         self.healthy = True
         self.legacy_vision = False
         """Send ``vision`` as servers before generator/style/landmarks/primary did."""
+        self.stats_nodes = False
+        """Name each rank's node and each link's end nodes in ``stats()`` too (else only
+        ``health()`` says where ranks run, as runtimes before the metrics work did)."""
+        self.down: set[int] = set()
+        """Ranks reported as not alive."""
+        self.bytes_in = 0
+        self.bytes_out = 0
+        """Payload bytes submitted and delivered: the links' byte counters grow with them."""
+        self.count_in = 0
+        self.count_out = 0
         self._transform = transform
         self._jobs: queue.Queue[tuple[str, int, float, bytes, int, int] | None] = queue.Queue()
         self._delivered: deque[float] = deque(maxlen=256)
@@ -94,6 +109,8 @@ class EchoHooks:
                      width: int, height: int) -> None:
         self._maybe_fail()
         self.submitted.append((session, frame_id, client_ts, width, height))
+        self.bytes_in += len(jpeg)
+        self.count_in += 1
         self._jobs.put((session, frame_id, client_ts, jpeg, width, height))
 
     def update_config(self, partial: dict[str, Any]) -> dict[str, Any]:
@@ -112,7 +129,7 @@ class EchoHooks:
                 "status": {"ranks": self._ranks(), "fps": self._fps()}}
 
     def health(self) -> dict[str, Any]:
-        return {"ok": self.healthy, "ranks": [{**r, "node": "test", "device": "cpu"} for r in self._ranks()]}
+        return {"ok": self.healthy, "ranks": [{**r, **PLACES[r["rank"]]} for r in self._ranks()]}
 
     def stats(self) -> dict[str, Any]:
         """Shaped like ``runtime.aggregate.Aggregator.stats()``: nested percentiles and all.
@@ -127,14 +144,12 @@ class EchoHooks:
             "stages": {name: {"frames_in": 120, "frames_out": 120, "batches": 60, "flushed": 0, "errors": 0,
                               "compute_ms": ms, "mean_batch": 2.0, "p50": ms["p50"], "p95": ms["p95"]}
                        for name, ms in compute.items()},
-            "hops": {"ingest#0->vision#0": {"messages_sent": 120, "bytes_sent": 123456, "messages_received": 120,
-                                            "bytes_received": 123456, "send_seconds": 0.012,
-                                            "hop_ms": {"p50": 0.3, "p95": 0.8, "p99": 1.1, "count": 120}}},
+            "hops": self._hops(),
             "spans": {"server.recv>ingest.start": {"p50": 0.2, "p95": 0.5, "p99": 0.9, "count": 120},
                       "generator.start>generator.end": compute["generator"]},
             "drops": {"ingest": 0, "flushed": 0, "late": 0},
             "revision": self.live.current()[0],
-            "ranks": self._ranks(),
+            "ranks": [{**r, "node": PLACES[r["rank"]]["node"]} if self.stats_nodes else r for r in self._ranks()],
             "nan_is_null": float("nan"),
         }
 
@@ -160,16 +175,36 @@ class EchoHooks:
                           **vision}
             assert self.sink is not None, "set EchoHooks.sink to the server before sending frames"
             self.sink.deliver_output(session, frame_id, client_ts, jpeg, vision)
+            self.bytes_out += len(jpeg)
+            self.count_out += 1
             self._delivered.append(time.monotonic())
 
     def _fps(self) -> float:
         now = time.monotonic()
         return float(sum(1 for t in self._delivered if now - t < 1.0))
 
-    @staticmethod
-    def _ranks() -> list[dict[str, Any]]:
-        return [{"rank": 0, "role": "server", "alive": True, "last_seen_s": 0.0},
-                {"rank": 1, "role": "generator", "alive": True, "last_seen_s": 0.1}]
+    def _ranks(self) -> list[dict[str, Any]]:
+        return [{"rank": r, "role": role, "alive": r not in self.down, "last_seen_s": 12.5 if r in self.down else seen}
+                for r, role, seen in ((0, "server", 0.0), (1, "generator", 0.1), (2, "vision", 0.2))]
+
+    def _hops(self) -> dict[str, Any]:
+        """Three links, shaped like the aggregator's (totals since start; zeros left out)
+        whose byte counts grow with the frames that really went through the double: in
+        (server to vision, same node), vision to generator (across nodes), and out."""
+        links = {  # name: (src rank, dst rank, messages, bytes)
+            "ingest#0->vision#0": (0, 2, 120 + self.count_in, 123456 + self.bytes_in),
+            "vision#0->generator#0": (2, 1, self.count_in, self.bytes_in),
+            "generator#0->display#0": (1, 0, self.count_out, self.bytes_out),
+        }
+        hops = {}
+        for name, (src, dst, messages, size) in links.items():
+            link = {"messages_sent": messages, "bytes_sent": size, "messages_received": messages,
+                    "bytes_received": size, "send_seconds": 0.012,
+                    "hop_ms": {"p50": 0.3, "p95": 0.8, "p99": 1.1, "count": 120}}
+            if self.stats_nodes:
+                link.update(src_rank=src, dst_rank=dst, src_node=PLACES[src]["node"], dst_node=PLACES[dst]["node"])
+            hops[name] = {k: v for k, v in link.items() if v or k.endswith(("_rank", "_node"))}  # counters: zeros left out
+        return hops
 
 
 
@@ -226,6 +261,8 @@ class LipSyncEchoHooks(EchoHooks):
         self._maybe_fail()
         self.audio.append((session, chunk_id, client_ts, len(pcm)))
         self.pcm.setdefault(session, bytearray()).extend(pcm)
+        self.bytes_in += len(pcm)
+        self.count_in += 1
         avatar = self.selected.get(session, self.default_avatar)
         self._jobs.put(("audio", session, avatar, client_ts, bytes(pcm)))
 
@@ -299,7 +336,10 @@ class LipSyncEchoHooks(EchoHooks):
         vision = {"lipsync": {"avatar": stream.avatar, "generator": GENERATOR, "speech": bool(loudness_db > -40),
                               "loudness_db": round(float(loudness_db), 2), "avatar_frame": i % 50}}
         assert self.sink is not None, "set LipSyncEchoHooks.sink to the server before sending audio"
-        self.sink.deliver_output(session, i, client_ts, self._face(stream.avatar, opening), vision)
+        face = self._face(stream.avatar, opening)
+        self.sink.deliver_output(session, i, client_ts, face, vision)
+        self.bytes_out += len(face)
+        self.count_out += 1
         self._delivered.append(time.monotonic())
 
     def _face(self, avatar: str, opening: int) -> bytes:

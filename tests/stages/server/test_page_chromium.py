@@ -2,8 +2,11 @@
 
 It checks what a person at a 1280x800 window would see once frames flow: no horizontal
 scroll, stats as tables of numbers (no JSON in any cell), a filled latency histogram,
-the generator and style of the frame on screen, a note that live settings are shared,
-form labels and face labels that do not overlap, and no console errors.
+the bandwidth of every link (rates from the double's growing byte counters, which count
+the frames the page really sent) and the ranks grouped by node (from GET /health, since
+these stats name no nodes), the generator and style of the frame on screen, a note that
+live settings are shared, form labels and face labels that do not overlap, and no
+console errors.
 
 Skipped only when no Chromium binary is found (CI installs the ``chromium`` package).
 """
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from chromium import Chromium, Page, find_chromium, set_viewport
-from echo_hooks import GENERATOR
+from echo_hooks import GENERATOR, PLACES
 
 CHROMIUM = find_chromium()
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary found (apt-get install chromium)")
@@ -33,7 +36,8 @@ READY = f"""(() => {{
   return !!m && m.painted >= {FRAMES} && m.labels.length >= 2
     && document.querySelectorAll('#stats table').length >= 3
     && bars.some((b) => Number(b.dataset.count) > 0)
-    && document.getElementById('generator').textContent !== '–';
+    && document.getElementById('generator').textContent !== '–'
+    && m.job.links.length === 3 && m.job.links.every((l) => l.bytesPerS > 0) && m.job.nodes.length === 2;
 }})()"""
 
 FACTS = """(() => {
@@ -60,6 +64,13 @@ FACTS = """(() => {
     overlay: {w: overlay.width, h: overlay.height},
     snapshot: window.mindMirror.snapshot(),
     pageErrors: [...document.querySelectorAll('#messages li.error')].map((li) => li.textContent),
+    links: [...document.querySelectorAll('#job-links tbody tr')].map((tr) => [...tr.cells].map((c) => c.textContent)),
+    linkHead: [...document.querySelectorAll('#job-links th')].map((th) => th.textContent),
+    bars: [...document.querySelectorAll('#job-links .bw-bar i')].map((i) => i.getBoundingClientRect().width),
+    nodes: [...document.querySelectorAll('#job-nodes .node')].map((n) => ({
+      node: n.dataset.node, head: n.querySelector('.node-head').textContent,
+      ranks: [...n.querySelectorAll('li.rank')].map((li) => [li.dataset.rank, li.className, li.title])})),
+    mediaProblemHidden: document.getElementById('media-problem').hidden,
   };
 })()"""
 
@@ -68,13 +79,14 @@ def intersects(a: dict, b: dict) -> bool:
     return a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"] and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"]
 
 
-async def look_at_page(url: str, port: int, screenshot) -> dict:
+async def look_at_page(url: str, port: int, screenshot, hooks) -> dict:
     page = await Page.attach(port)
     try:
         await page.call("Emulation.setDeviceMetricsOverride", **set_viewport(WIDTH, HEIGHT))
         await page.call("Page.navigate", url=url)
-        await page.wait_for(READY, timeout_s=45, what=f"{FRAMES} painted frames with stats, histogram and labels")
+        await page.wait_for(READY, timeout_s=45, what=f"{FRAMES} painted frames with stats, histogram, labels and link rates")
         facts = await page.evaluate(FACTS)
+        facts["mean_jpeg"] = hooks.bytes_in / hooks.count_in  # what the page's frames weigh on the wire
         await page.screenshot(screenshot)
         facts["problems"] = list(page.problems)
         return facts
@@ -87,7 +99,7 @@ def test_page_in_headless_chromium(server, hooks, tmp_path):
     started = time.monotonic()
     screenshot = Path(os.environ.get("MM_PAGE_SCREENSHOT") or tmp_path / "page.png")  # to look at it
     with Chromium(CHROMIUM, width=WIDTH, height=HEIGHT) as browser:
-        facts = asyncio.run(look_at_page(server.url, browser.port, screenshot))
+        facts = asyncio.run(look_at_page(server.url, browser.port, screenshot, hooks))
     elapsed = time.monotonic() - started
     shot = f"(screenshot: {screenshot})"
 
@@ -98,7 +110,8 @@ def test_page_in_headless_chromium(server, hooks, tmp_path):
     assert facts["scrollingBoxes"] == [], shot
 
     # Stats: tables of numbers and words; nested percentiles became columns, not JSON.
-    assert {"ranks", "stages", "hops", "spans"} <= set(facts["tables"]), facts["tables"]
+    assert {"stages", "hops", "spans"} <= set(facts["tables"]), facts["tables"]
+    assert "ranks" not in facts["tables"]  # shown by node in the "Links and ranks" card instead
     json_like = [t for t in facts["statsTexts"] if re.search(r'[{}\[\]]|"\w+"\s*:', t)]
     assert json_like == [], json_like
     assert {"p50", "p95", "p99", "18.7"} <= set(facts["statsTexts"]), shot  # compute_ms of the generator
@@ -110,6 +123,26 @@ def test_page_in_headless_chromium(server, hooks, tmp_path):
     split, g2g = facts["snapshot"]["split_p50_ms"], facts["snapshot"]["g2g"]
     assert set(split) == {"encode_send", "server_round_trip", "decode_paint"}, split
     assert all(0 <= v <= g2g["p99"] for v in split.values()), (split, g2g)
+
+    # Bandwidth per link: a row each, rates from successive stats. The frames the page sends
+    # make the first two links' counters grow, so bytes per message there is a frame's JPEG.
+    assert facts["linkHead"] == ["link", "MB/s", "msgs/s", "sent"]  # no "nodes": these stats name none
+    names = [row[0] for row in facts["links"]]
+    assert names == ["ingest#0 → vision#0", "vision#0 → generator#0", "generator#0 → display#0"]
+    assert all(re.fullmatch(r"\d+\.\d{3}", row[1]) and re.fullmatch(r"\d+\.\d", row[2]) for row in facts["links"])
+    links = {link["name"]: link for link in facts["snapshot"]["job"]["links"]}
+    into = links["vision#0->generator#0"]
+    assert 0.5 < into["bytesPerS"] / into["messagesPerS"] / facts["mean_jpeg"] < 2, (into, facts["mean_jpeg"])
+    assert 1 <= into["messagesPerS"] <= 60  # frames per second, as the page sends them
+    assert all(link["crossNode"] is None for link in links.values())
+    assert max(facts["bars"]) > 0  # the busiest link's bar is drawn
+
+    # Rank liveness per node, placed through GET /health: node-a holds ranks 0 and 2.
+    nodes = facts["nodes"]
+    assert [(n["node"], [r[0] for r in n["ranks"]]) for n in nodes] == [("node-a", ["0", "2"]), ("node-b", ["1"])]
+    assert [n["head"] for n in nodes] == ["node-a 2/2 up", "node-b 1/1 up"]
+    assert nodes[1]["ranks"][0][1:] == ["rank up", f"rank 1, generator on {PLACES[1]['device']}: up, heard from 0.1 s ago"]
+    assert facts["mediaProblemHidden"]  # 127.0.0.1 is a secure page: the camera works
 
     # Which generator made the frame on screen, in which style.
     assert not facts["makerHidden"]

@@ -5,7 +5,9 @@ resample and pacing path), then speaks into Chromium's fake microphone, and chec
 the server received (16 kHz PCM16 that is still the file's 220 Hz tone, numbered chunks
 20 ms apart, sent at the pace the file plays) and what the page did with the frames that
 came back (painted on the jitter buffer's schedule, each with its slice of audio, and the
-page's own end-to-end latency and A/V offset figures).
+page's own end-to-end latency and A/V offset figures). Here the double's stats name every
+rank's node and every link's end nodes, and one rank is down: the "Links and ranks" card
+marks the links between machines and the dead rank.
 
 Skipped only when no Chromium binary is found (CI installs the ``chromium`` package).
 """
@@ -64,6 +66,7 @@ async def drive(url: str, port: int, wav: Path, screenshot: Path) -> dict:
     page = await Page.attach(port)
     try:
         await page.call("Emulation.setDeviceMetricsOverride", **set_viewport(WIDTH, HEIGHT))
+        await page.watch_network()
         await page.call("Page.navigate", url=url)
         await page.wait_for(f"window.mindMirrorLipSync && {SNAPSHOT}.avatars.length === 3", 10, "avatars")
         await page.evaluate("""(() => { const s = document.getElementById('avatar-select');
@@ -77,8 +80,19 @@ async def drive(url: str, port: int, wav: Path, screenshot: Path) -> dict:
         await page.call("DOM.setFileInputFiles", nodeId=node, files=[str(wav)])
         await page.wait_for(f"{SNAPSHOT}.source.includes('all 2.5 s sent')", 15, "the file streamed")
         streamed_s = time.monotonic() - started
-        await page.wait_for(f"{SNAPSHOT}.painted >= {FILE_FRAMES}", 5, "every frame of the file painted")
+        # Every frame painted, or passed over when it came too late for its time (a loaded machine).
+        await page.wait_for(f"(({{painted, passed}}) => painted + passed)({SNAPSHOT}.player) >= {FILE_FRAMES}", 10,
+                            "every frame of the file painted or passed")
         after_file = await page.evaluate(SNAPSHOT)
+        await page.wait_for(f"{SNAPSHOT}.job.links.filter((l) => l.bytesPerS > 0).length === 3", 5, "link rates")
+        job = await page.evaluate("""({
+            crossRows: [...document.querySelectorAll('#job-links tr.cross')].map((tr) => tr.dataset.link),
+            nodeCells: [...document.querySelectorAll('#job-links tbody tr')].map((tr) => tr.cells[1].textContent),
+            heading: document.querySelector('.job-links h3').textContent,
+            nodes: [...document.querySelectorAll('#job-nodes .node')].map((n) => [n.dataset.node, n.className,
+              n.querySelector('.node-head').textContent, [...n.querySelectorAll('li.rank')].map((li) => li.className)]),
+            snapshot: window.mindMirrorLipSync.snapshot().job,
+        })""")
         await page.screenshot(screenshot)
 
         # Load robot's model from the Models card: a same-origin POST, then the row says so.
@@ -99,13 +113,15 @@ async def drive(url: str, port: int, wav: Path, screenshot: Path) -> dict:
             status: document.getElementById('source-status').textContent,
         })""")
         return {"file": after_file, "mic": after_mic, "streamed_s": streamed_s, "problems": list(page.problems),
-                **facts}
+                "job": job, "requests": [r[1] for r in page.requests], **facts}
     finally:
         await page.close()
 
 
 @pytest.mark.timeout(90)
 def test_lipsync_page_streams_a_wav_and_the_microphone(lipsync_server, lipsync_hooks, tmp_path):
+    lipsync_hooks.stats_nodes = True
+    lipsync_hooks.down = {2}
     started = time.monotonic()
     wav = write_wav(tmp_path / "speech.wav")
     screenshot = Path(os.environ.get("MM_LIPSYNC_SCREENSHOT") or tmp_path / "lipsync.png")
@@ -152,6 +168,19 @@ def test_lipsync_page_streams_a_wav_and_the_microphone(lipsync_server, lipsync_h
     assert mic["painted"] >= file["painted"] + 20
     assert len(chunks) >= 120
     assert got["status"] == "Stopped."
+
+    # Links and ranks, as these stats name them: two of three links cross between nodes.
+    job = got["job"]
+    assert job["crossRows"] == ["vision#0->generator#0", "generator#0->display#0"]
+    assert job["nodeCells"] == ["node-a → node-a", "node-a → node-b", "node-b → node-a"]
+    assert [link["crossNode"] for link in job["snapshot"]["links"]] == [False, True, True]
+    totals = job["snapshot"]["totals"]
+    assert 0 < totals["crossNodeBytesPerS"] < totals["bytesPerS"]
+    assert "between nodes" in job["heading"]
+    # ... and rank 2 (vision, on node-a) is down: its node says so.
+    assert job["nodes"] == [["node-a", "node degraded", "node-a 1/2 up", ["rank up", "rank down"]],
+                            ["node-b", "node", "node-b 1/1 up", ["rank up"]]]
+    assert not any(url.endswith("/health") for url in got["requests"])  # the stats placed every rank
     assert elapsed < 30, f"the check took {elapsed:.1f} s"
 
 
