@@ -44,9 +44,8 @@ def test_stage_timings_give_a_row_per_stage_and_batch_size(tmp_path):
         assert 0 < row["p50_ms"] <= row["p95_ms"] and row["fps"] > 0 and row["size"] == f"batch {row['batch']}"
         assert math.isnan(row["peak_mib"])  # CUDA memory only
     assert progress.done == len(rows)
-    by_what = {(r["what"], r["batch"]): r for r in rows}
-    # The style net is a network of its own; the low-fi renderer a few tensor ops.
-    assert by_what[("generator, style net", 1)]["p50_ms"] > by_what[("generator, low-fi", 1)]["p50_ms"]
+    # No comparison of the timings themselves: on a shared machine any order can happen
+    # (speed goals are the benchmark's to print, not a test's to assert).
 
 
 def test_the_section_says_mtcnn_and_batches_of_1_and_8():
