@@ -58,8 +58,8 @@ class LoadedAvatar:
     """What a replica holds for one avatar (a registry entry)."""
 
     manifest: Manifest
-    crops_rgb: np.ndarray
-    """[N, 328, 328, 3] uint8: every frame's face crop, for the non-neural mouth."""
+    crops_rgb: np.ndarray | None
+    """[N, 328, 328, 3] uint8: every frame's face crop, for the non-neural mouth; None with a model."""
     crops_bgr: torch.Tensor | None = None
     """[N, 3, 328, 328] uint8 on the device, BGR as the U-Net was trained; None without a model."""
     unet: LipSyncUNet | None = None
@@ -72,7 +72,7 @@ class LoadedAvatar:
         return "unet" if self.unet is not None else "mouth-synth"
 
     def nbytes(self) -> int:
-        total = self.crops_rgb.nbytes
+        total = 0 if self.crops_rgb is None else self.crops_rgb.nbytes
         if self.crops_bgr is not None:
             total += self.crops_bgr.numel()
         for module in (self.unet, self.encoder):
@@ -160,6 +160,7 @@ class LipsyncStage(Stage):
                 self.device, self.dtype).eval()
             loaded.encoder = load_audio_encoder(encoder).to(self.device).eval()
             loaded.crops_bgr = bgr_tensor(crops, self.device)
+            loaded.crops_rgb = None  # the U-Net reads the device copy; do not hold (and count) both
         else:
             loaded.mouth = MouthSynth(manifest.mouth)
         self.log.info("loaded avatar %s (%s, %d frames, %.1f MB)", avatar, loaded.generator,
