@@ -21,6 +21,8 @@ import os
 import threading
 from typing import Any
 
+from core.cuda_devices import nvml_device
+
 log = logging.getLogger(__name__)
 
 
@@ -32,19 +34,6 @@ def cuda_indices(devices: list[str]) -> list[int]:
         if kind == "cuda":
             out.add(int(index) if index else 0)
     return sorted(out)
-
-
-def physical_device(ordinal: int, visible: str | None) -> int | str:
-    """What NVML calls CUDA ordinal ``ordinal`` of this process, given
-    ``CUDA_VISIBLE_DEVICES`` (None: unset): an NVML index, or a UUID string to look up.
-    Raises ``LookupError`` when the variable hides that ordinal."""
-    if visible is None or not visible.strip():
-        return ordinal
-    entries = [e.strip() for e in visible.split(",") if e.strip()]
-    if ordinal >= len(entries):
-        raise LookupError(f"cuda:{ordinal} is not among CUDA_VISIBLE_DEVICES={visible!r}")
-    entry = entries[ordinal]
-    return int(entry) if entry.isdigit() else entry
 
 
 class GpuSampler:
@@ -97,7 +86,7 @@ class GpuSampler:
         handles = []
         for ordinal in self.ordinals:
             try:
-                device = physical_device(ordinal, self._visible)
+                device = nvml_device(ordinal, self._visible)
                 if isinstance(device, int):
                     handle = self._nvml.nvmlDeviceGetHandleByIndex(device)
                 else:

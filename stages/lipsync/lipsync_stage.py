@@ -37,11 +37,12 @@ from stages.lipsync.avatar import AvatarStore, Manifest, pingpong
 from stages.lipsync.catalog import AvatarCatalog, open_store
 from stages.lipsync.config import LipsyncConfig
 from stages.lipsync.crop import bgr_tensor, cut_crop, unet_inputs
+from stages.lipsync.device_memory import capacity_from_device
 from stages.lipsync.directory import ModelDirectory
 from stages.lipsync.model_files import load_unet, model_bytes
 from stages.lipsync.mouth_synth import MouthSynth
 from stages.lipsync.payloads import MOUTH_PATCH, SPEECH_FRAME
-from stages.lipsync.registry import LoadFailed, ModelRegistry, capacity_from_device
+from stages.lipsync.registry import LoadFailed, ModelRegistry
 from stages.lipsync.unet import LipSyncUNet
 from stages.registry import register_stage
 from stages.session_states import SessionStates

@@ -2,7 +2,7 @@
 
 Every avatar brings its own U-Net (~49 MB in float32), and a server hosts more avatars
 than one GPU should hold. A lip-sync stage replica keeps its models in a
-``ModelRegistry``: a byte budget per device (``capacity_from_device``), models loaded
+``ModelRegistry``: a byte budget per device (``device_memory.capacity_from_device``), models loaded
 when a request first needs them and evicted (LRU or LFU) when a new one needs the room,
 plus explicit load / unload, an idle timeout, usage statistics and remembered failures.
 
@@ -24,15 +24,12 @@ and makes room right after it.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
 
 POLICIES = ("lru", "lfu")
 """Eviction policies: least recently used, or least frequently used (ties: least recently)."""
@@ -384,79 +381,3 @@ def _last_active(record: _Record) -> float:
     if record.last_used is not None:
         return record.last_used
     return record.loaded_at if record.loaded_at is not None else float("-inf")
-
-
-# ---- the byte budget of a device ------------------------------------------------------
-
-def capacity_from_device(device: torch.device | str, fraction: float = 0.5, configured_bytes: int | None = None,
-                         *, free_bytes: Callable[[int], int] | None = None) -> int:
-    """The registry's byte budget on ``device``: ``configured_bytes`` when given (any
-    device); else, on CUDA, the device's free memory now × ``fraction`` (the rest is left
-    to activations, batches and other stages). A CPU (or other) device needs a configured
-    value. ``free_bytes(index)`` replaces the measurement (tests; default ``gpu_free_bytes``)."""
-    if configured_bytes is not None:
-        if isinstance(configured_bytes, bool) or not isinstance(configured_bytes, int) or configured_bytes <= 0:
-            raise ValueError(f"registry capacity_bytes must be a positive int or null, got {configured_bytes!r}")
-        return configured_bytes
-    if not 0 < fraction <= 1:
-        raise ValueError(f"registry memory_fraction must be in (0, 1], got {fraction!r}")
-    device = torch.device(device)
-    if device.type != "cuda":
-        raise ValueError(f"registry on device {device}: set capacity_bytes in the config "
-                         f"(free memory is only measured on CUDA devices)")
-    index = device.index
-    if index is None:
-        index = torch.cuda.current_device() if torch.cuda.is_initialized() else 0
-    return int((free_bytes or gpu_free_bytes)(index) * fraction)
-
-
-def gpu_free_bytes(index: int, probes: Sequence[Callable[[int], int]] | None = None) -> int:
-    """Free memory of CUDA device ``index`` (as torch numbers devices): NVML first (no CUDA
-    context needed), else ``torch.cuda.mem_get_info``; a RuntimeError names why both failed."""
-    errors = []
-    for probe in probes if probes is not None else (nvml_free_bytes, torch_free_bytes):
-        try:
-            return int(probe(index))
-        except Exception as e:  # noqa: BLE001 - no package, no driver, no device: try the next probe
-            errors.append(f"{getattr(probe, '__name__', 'probe')}: {type(e).__name__}: {e}")
-    raise RuntimeError(f"free memory of cuda:{index} unknown ({'; '.join(errors)}); "
-                       f"set the registry's capacity_bytes in the config")
-
-
-def nvml_free_bytes(index: int) -> int:
-    """Free bytes of torch's CUDA device ``index`` according to NVML (``nvidia-ml-py``)."""
-    import pynvml
-
-    target = nvml_target(index, os.environ.get("CUDA_VISIBLE_DEVICES"))
-    pynvml.nvmlInit()
-    try:
-        if isinstance(target, int):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(target)
-        else:
-            handle = pynvml.nvmlDeviceGetHandleByUUID(target)
-        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
-    finally:
-        pynvml.nvmlShutdown()
-
-
-def torch_free_bytes(index: int) -> int:
-    """Free bytes of CUDA device ``index`` according to the CUDA runtime (creates a context)."""
-    free, _total = torch.cuda.mem_get_info(index)
-    return int(free)
-
-
-def nvml_target(index: int, visible: str | None) -> int | str:
-    """NVML's name for torch's CUDA device ``index``: NVML numbers every GPU of the machine
-    while torch numbers only those in CUDA_VISIBLE_DEVICES (``visible``), so map through it:
-    an NVML index, or a 'GPU-…'/'MIG-…' UUID. Anything else raises ValueError."""
-    if visible is None:
-        return index
-    entries = [v.strip() for v in visible.split(",") if v.strip()]
-    if not 0 <= index < len(entries):
-        raise ValueError(f"cuda:{index} is not among CUDA_VISIBLE_DEVICES={visible!r}")
-    entry = entries[index]
-    if entry.isdigit():
-        return int(entry)
-    if entry.startswith(("GPU-", "MIG-")):
-        return entry
-    raise ValueError(f"CUDA_VISIBLE_DEVICES entry {entry!r} is neither an index nor a full UUID")

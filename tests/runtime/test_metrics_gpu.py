@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from runtime.gpu_stats import GpuSampler, cuda_indices, physical_device
+from core.cuda_devices import nvml_device as physical_device
+from runtime.gpu_stats import GpuSampler, cuda_indices
 
 
 class TableNvml:
