@@ -23,7 +23,7 @@ from stages.lipsync.background_cache import BackgroundCache
 from stages.lipsync.catalog import open_store
 from stages.lipsync.compositing import compose_frame
 from stages.lipsync.config import CompositeConfig
-from stages.lipsync.crop import INNER
+from stages.lipsync.crop import INNER, patches_rgb
 from stages.lipsync.payloads import MOUTH_PATCH
 from stages.registry import register_stage
 from stages.server.hooks import OUTPUT_JPEG
@@ -33,10 +33,10 @@ def patch_rgb(patch: torch.Tensor) -> np.ndarray:
     """A ``MOUTH_PATCH`` tensor ([3, 320, 320] BGR, uint8 or float 0..1) as RGB uint8 HWC."""
     if patch.dim() != 3 or tuple(patch.shape) != (3, INNER, INNER):
         raise ValueError(f"mouth patch must be [3, {INNER}, {INNER}], got {tuple(patch.shape)}")
+    if patch.is_floating_point():
+        return patches_rgb(patch[None])[0]
     if patch.dtype != torch.uint8:
-        if not patch.is_floating_point():
-            raise ValueError(f"mouth patch must be uint8 or float, got {patch.dtype}")
-        patch = (patch.float() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+        raise ValueError(f"mouth patch must be uint8 or float, got {patch.dtype}")
     return np.ascontiguousarray(patch.cpu().permute(1, 2, 0).numpy()[..., ::-1])
 
 
