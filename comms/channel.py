@@ -3,7 +3,7 @@
 A link carries messages one way, from a ``ChannelWriter`` on the sending side to a
 ``ChannelReader`` on the receiving side (the writer/reader split of Ray's channels): a
 reader has no ``send``, a writer no ``recv``. Implementations: in-process
-(``comms.inprocess``), same host (``comms.local_link``) and torch.distributed
+(``comms.inprocess``), same host (``comms.socket_link``) and torch.distributed
 (``comms.torch_p2p``); ``comms.links`` makes them from ``LinkSpec``s. Contract, shared by
 all of them:
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from core.config import check, check_choice
 
 BACKENDS = ("auto", "gloo", "nccl")
+BETWEEN_NODES = ("tcp", "gloo")
+"""Choices of ``TransportConfig.between_nodes``."""
 """Choices of ``TransportConfig.backend``; a link itself gets one of
 ``comms.link_spec.TORCH_BACKENDS``."""
 
@@ -41,6 +43,11 @@ class TransportConfig:
     over a Unix socket on the caller's thread, payloads through a shared-memory segment
     (two memory copies instead of loopback TCP). Links between nodes and NCCL links are
     unaffected; false makes every link between ranks a torch.distributed link."""
+    between_nodes: str = "tcp"
+    """How the planner makes a link between two nodes whose payloads would travel on
+    gloo: 'tcp' a socket link on one TCP connection (frames and payloads on the caller's
+    thread, no background threads: the fastest), 'gloo' a torch.distributed link on
+    gloo (a background thread per direction). NCCL links are unaffected."""
     peer_timeout_s: float = 10.0
     """How long a started transfer (or a credit, once due) may stall before the peer
     counts as failed. Idle links never time out."""
@@ -58,6 +65,7 @@ class TransportConfig:
               f"must be an integer within 0..slot_bytes/2 ({self.slot_bytes // 2}), got {self.inline_max_bytes!r}")
         check(isinstance(self.prepost_bytes, int) and 2**10 <= self.prepost_bytes <= 2**26, "prepost_bytes",
               f"must be an integer within 1024..67108864, got {self.prepost_bytes!r}")
+        check_choice(self.between_nodes, "between_nodes", BETWEEN_NODES)
         check(isinstance(self.shared_memory, bool), "shared_memory",
               f"must be true or false, got {self.shared_memory!r}")
         check(isinstance(self.peer_timeout_s, (int, float)) and 0.1 <= self.peer_timeout_s <= 3600,

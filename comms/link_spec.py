@@ -27,6 +27,9 @@ class Transport(StrEnum):
     SAME_HOST = "same-host"
     """Two ranks of one host (one torchrun node): frames over a Unix socket, payloads
     through shared memory."""
+    TCP = "tcp"
+    """Two ranks on different hosts whose payloads are CPU tensors: frames and payloads
+    over one TCP connection, on the caller's thread (``comms.socket_link``)."""
     TORCH = "torch"
     """Any two ranks: torch.distributed point-to-point sends, payloads on ``backend``."""
 

@@ -6,6 +6,7 @@ builds what the specs say:
 * ``IN_PROCESS``: both ends on the rank, sharing one bounded queue; no torch.distributed.
 * ``SAME_HOST``: a Unix socket pair with payloads in shared memory, connected pairwise
   (the two ranks of the link only).
+* ``TCP``: one TCP connection between two hosts, connected pairwise the same way.
 * ``TORCH``: three process groups of its own per link (``comms.torch_p2p``), made with
   ``torch.distributed.new_group``, which every rank must call for every group in the
   same order.
@@ -32,13 +33,15 @@ from comms.config import TransportConfig
 from comms.errors import TransportError
 from comms.inprocess import inprocess_link
 from comms.link_spec import LinkSpec, Transport
-from comms.local_link import SocketReader, SocketWriter
+from comms.node_address import node_address
+from comms.socket_link import SocketReader, SocketWriter
 from comms.torch_p2p import TorchReader, TorchWriter
 
 log = logging.getLogger(__name__)
 
 _NAME_BYTES = 64
-"""Room for a same-host link's socket name as it travels to the writer."""
+"""Room for a socket link's address (a socket name, or host:port) as it travels to the writer."""
+_SOCKET_TRANSPORTS = (Transport.SAME_HOST, Transport.TCP)
 
 
 @dataclass(slots=True)
@@ -79,13 +82,13 @@ def create_links(specs: list[LinkSpec], config: TransportConfig | None = None) -
         # Pairwise and in the same order on every rank, after every process group
         # exists: each connect waits only for the other end of this link, which has
         # finished every earlier one (no deadlock).
-        if spec.transport == Transport.SAME_HOST and rank in (spec.src_rank, spec.dst_rank):
+        if spec.transport in _SOCKET_TRANSPORTS and rank in (spec.src_rank, spec.dst_rank):
             if rank == spec.src_rank:
                 ends.writers[spec.name] = connect_writer(spec, config)
             else:
                 ends.readers[spec.name] = connect_reader(spec, config)
-            log.debug("link %r: rank %d -> %d, same host: Unix socket + shared memory",
-                      spec.name, spec.src_rank, spec.dst_rank)
+            log.debug("link %r: rank %d -> %d, %s", spec.name, spec.src_rank, spec.dst_rank,
+                      "TCP" if spec.transport == Transport.TCP else "same host: Unix socket + shared memory")
     return ends
 
 
@@ -106,31 +109,51 @@ def _check(specs: list[LinkSpec], world: int, distributed: bool) -> None:
 
 
 def connect_reader(spec: LinkSpec, config: TransportConfig) -> SocketReader:
-    """The reading end of a same-host link: listen on a fresh abstract socket name, send
-    the name to the writer (default process group), accept its two connections: frames,
-    then segment descriptors (accepted in the order made)."""
-    name = torch.zeros(_NAME_BYTES, dtype=torch.uint8)
-    token = f"mindmirror-{secrets.token_hex(8)}".encode()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-        listener.bind(b"\0" + token)
+    """The reading end of a socket link: listen, send the address to the writer (default
+    process group), accept its connections: on one host two (frames, then segment
+    descriptors, accepted in the order made), between hosts one."""
+    tcp = spec.transport == Transport.TCP
+    if tcp:
+        listener = socket.create_server((node_address(), 0))
+        host, port = listener.getsockname()[:2]
+        address = f"{host}:{port}".encode()
+    else:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address = f"mindmirror-{secrets.token_hex(8)}".encode()
+        listener.bind(b"\0" + address)
+    with listener:
         listener.listen(2)
-        name[:len(token)] = torch.frombuffer(bytearray(token), dtype=torch.uint8)
+        name = torch.zeros(_NAME_BYTES, dtype=torch.uint8)
+        name[:len(address)] = torch.frombuffer(bytearray(address), dtype=torch.uint8)
         dist.send(name, dst=spec.src_rank)
         listener.settimeout(config.init_timeout_s)
         frames, _ = listener.accept()
-        descriptors, _ = listener.accept()
+        descriptors = None if tcp else listener.accept()[0]
+    if tcp:
+        _no_delay(frames)
     return SocketReader(spec, frames, descriptors, config)
 
 
 def connect_writer(spec: LinkSpec, config: TransportConfig) -> SocketWriter:
-    """The writing end of a same-host link: connect twice to the name the reader sent."""
+    """The writing end of a socket link: connect to the address the reader sent (twice on
+    one host: frames, then segment descriptors)."""
     name = torch.zeros(_NAME_BYTES, dtype=torch.uint8)
     dist.recv(name, src=spec.dst_rank)
-    address = b"\0" + bytes(name.numpy()).rstrip(b"\0")
+    address = bytes(name.numpy()).rstrip(b"\0")
+    if spec.transport == Transport.TCP:
+        host, port = address.decode().rsplit(":", 1)
+        frames = socket.create_connection((host, int(port)), timeout=config.init_timeout_s)
+        _no_delay(frames)
+        return SocketWriter(spec, frames, None, config)
     connections = []
     for _ in range(2):
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         connection.settimeout(config.init_timeout_s)
-        connection.connect(address)
+        connection.connect(b"\0" + address)
         connections.append(connection)
     return SocketWriter(spec, *connections, config)
+
+
+def _no_delay(sock: socket.socket) -> None:
+    """Frames leave at once: a small frame must not wait for the previous one's ACK (Nagle)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

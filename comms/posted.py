@@ -3,28 +3,35 @@ ahead of the messages they will hold, bounded waits for NCCL transfers.
 
 Posted ahead: gloo hands a sender's bytes over only once the receiver has posted the
 matching receive (a rendezvous), and a receive may be larger than what is sent. So the
-receiver always keeps the next slot receive posted (``slot_bytes``; only the used part
-travels), and on gloo data links also the next payload receive, ``prepost_bytes`` large.
-A message then costs no round trip beyond the bytes themselves. Both ends compute the
-posted payload size the same way (``next_prepost``) from the payload sizes they have
-seen, so the sender knows when a payload would not fit: it marks the slot OVERSIZE,
-sends one filler byte into the posted receive, and the payload follows into a receive
-of its exact size; the posted size then grows to fit. END carries a filler too, so no
-receive is left posted when a link ends. NCCL payloads keep the exact-size receive
-posted after the slot arrives (NCCL needs matching sizes and stream-ordered buffers).
+receiver keeps ``POSTED_AHEAD`` slot receives posted (``slot_bytes`` each; only the used
+part travels), and on gloo data links as many payload receives; a sender then never
+waits a round trip for the next receive, and the wire stays busy while the receiver
+hands the last message over. Receives of one group match sends in the order both were
+posted, which is what ties a payload to its receive (never a tag: NCCL ignores tags).
+
+The payload receives' sizes follow a rule both ends apply to the payload sizes they see
+(``PostedSizes``), so the sender knows where each of its bytes lands: a payload larger
+than the receive at the front of the queue fills it and continues in the next ones (its
+pieces are joined by the receiver), and the receives posted from then on are large
+enough for it. END carries a filler for every posted payload receive, so none is left
+posted when a link ends. NCCL payloads are received at their exact size once their slot
+arrived instead (NCCL needs matching sizes and stream-ordered buffers).
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+POSTED_AHEAD = 2
+"""Receives a reader keeps posted per group it receives on (slots; payloads on gloo)."""
 PREPOST_MAX = 64 * 2**20
-"""The posted payload receive never grows beyond this; larger payloads always go the
-OVERSIZE way (one round trip more)."""
+"""The posted payload receives never grow beyond this; a larger payload always travels
+in pieces of this size."""
 _PREPOST_STEP = 2**20
 
 
@@ -35,6 +42,31 @@ def next_prepost(posted: int, payload: int) -> int:
     if payload <= posted or payload > PREPOST_MAX:
         return posted
     return min(PREPOST_MAX, -(-payload // _PREPOST_STEP) * _PREPOST_STEP)
+
+
+class PostedSizes:
+    """The sizes of a gloo reader's posted payload receives, front first, as both ends
+    track them: the reader to post them, the writer to cut each payload to fit."""
+
+    def __init__(self, initial: int, depth: int = POSTED_AHEAD) -> None:
+        self.next_size = initial
+        """Size of the receive posted next, grown by ``next_prepost``."""
+        self.queue = deque([initial] * depth)
+
+    def take(self, total: int) -> list[tuple[int, int]]:
+        """The receives a ``total``-byte payload fills, in order, as (bytes of the payload
+        in it, size of the receive posted to replace it). One entry when it fits the
+        front receive; otherwise the payload continues in the next ones."""
+        self.next_size = next_prepost(self.next_size, total)
+        pieces, left = [], total
+        while True:
+            room = self.queue.popleft()
+            self.queue.append(self.next_size)
+            piece = min(room, left)
+            pieces.append((piece, self.next_size))
+            left -= piece
+            if left == 0:
+                return pieces
 
 
 class Peer:

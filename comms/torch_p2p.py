@@ -13,11 +13,23 @@ wait on each other inside one communicator (NCCL's opposite-send deadlock), and 
 message is matched by tag (NCCL ignores tags). Within a group, messages between the
 two ranks arrive in the order they were posted, which all backends guarantee.
 
-A message travels as: slot [-> overflow header] [-> payload]. The slot carries a small
-frame (kind, flags, lengths, send timestamp), the encoded header and, on gloo, payloads
-of at most ``inline_max_bytes``. Credits make the receive queue bounded: the writer
-starts with ``capacity`` credits, spends one per message, and the reader returns one
-per ``recv``. Receives are posted ahead (``comms.posted``): no rendezvous round trip.
+A message travels as: slot [-> header continuation slots] [-> payload]. The slot
+carries a small frame (kind, flags, lengths, send timestamp), the encoded header and,
+on gloo, payloads of at most ``inline_max_bytes``; a header too long for one slot
+continues in the next slots. Receives are posted ahead (``comms.posted``): no
+rendezvous round trip, and the next message can travel while the reader hands the last
+one over. Credits make the receive queue bounded: the writer starts with ``capacity``
+credits, spends one per message, and the reader returns one per ``recv``.
+
+Where the time goes, and why the work is split as it is: gloo reports a finished
+receive only to a blocking ``wait``, so every group a rank receives on needs a thread
+waiting on it; and every torch or gloo call releases the GIL, so each extra Python
+thread that wakes per message makes the others wait for it (measured on 2 cores: a
+credit thread per message cost more than the rest of the receive path together). So
+per message exactly one background thread wakes on each side: the reader's arrival
+thread, which only waits, records what arrived and posts the next receives, and the
+writer's credit thread. Decoding the header happens in ``recv`` on the caller's thread,
+and the caller sends the credit itself, without waiting for it to go out.
 
 Waiting on an idle link: gloo closes the connection when a ``wait(timeout)`` expires
 (measured: the next wait fails with "Application timeout caused pair closure"), so a
@@ -30,10 +42,9 @@ for its credit reader, which stops once CLOSED came back and END has gone out: g
 reports a transfer complete only to a wait, and ``join`` must not cut the connection
 when its own timeout runs out first.
 
-Threads per link end: the writer has a credit reader; the reader has a slot reader
-(which also receives payloads) and a credit writer. Exactly one thread sends on each
-group direction at a time: sends and END serialise on one lock (END only once no send
-runs, ``comms.endpoint``), and only the credit writer sends on the credit group.
+Exactly one thread sends on each group direction at a time: a writer's sends and END
+serialise on one lock (END only once no send runs, ``comms.endpoint``); a reader's
+credits and CLOSED on another.
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ import threading
 import time
 from collections import deque
 from datetime import timedelta
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -52,11 +64,23 @@ import torch.distributed as dist
 from comms.channel import deadline_of, remaining
 from comms.config import TransportConfig
 from comms.endpoint import CrossRankReader, CrossRankWriter
-from comms.errors import ChannelClosed, ChannelTimeout, HeaderError, PeerFailure, TransportError
-from comms.header import TensorSpec, align_up, decode_header, pack_tensors, unpack_tensors
+from comms.errors import (
+    ChannelClosed,
+    ChannelTimeout,
+    HeaderError,
+    PeerFailure,
+    TransportError,
+)
+from comms.header import (
+    TensorSpec,
+    align_up,
+    decode_header,
+    pack_tensors,
+    unpack_tensors,
+)
 from comms.link_spec import LinkSpec
 from comms.message import Message
-from comms.posted import Peer, Posted, await_cuda, filler, next_prepost
+from comms.posted import POSTED_AHEAD, Peer, Posted, PostedSizes, await_cuda, filler
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +93,28 @@ _FLAG_INLINE, _FLAG_OVERFLOW, _FLAG_PAYLOAD, _FLAG_OVERSIZE = 1, 2, 4, 8
 _CREDIT, _CLOSED = 1, 2
 
 
+_CREDIT_SENDS_AHEAD = 2
+"""Credit sends a reader leaves unwaited: the oldest is waited for (long finished, as the
+writer keeps a credit receive posted) only when one more goes out."""
+
+
 class _GroupsOfLink:
     """What both ends of a torch link hold: the peer on each of the link's three groups,
-    and the size of the payload receive the reader keeps posted."""
+    and the payload receives the reader keeps posted, as both ends track them."""
 
     def _use_groups(self, spec: LinkSpec, meta, data, credit, config: TransportConfig) -> None:
         self._meta, self._data, self._credit = (Peer(g, self._peer) for g in (meta, data, credit))
         self._data_backend = spec.backend
-        self._prepost = spec.backend == "gloo"
-        """Gloo data links keep a payload receive posted (see the module docstring)."""
-        self._posted_bytes = config.prepost_bytes
-        """Size of the payload receive posted at the reader, tracked by both ends."""
+        self._sizes = PostedSizes(config.prepost_bytes) if spec.backend == "gloo" else None
+        """Gloo payload receives posted ahead (``comms.posted``); None on NCCL, whose
+        payloads are received at their exact size."""
         self._config = config
         self._peer_wait = timedelta(seconds=config.peer_timeout_s)
+
+    def _continuation_slots(self, header_len: int) -> int:
+        """Slots after the first that a ``header_len``-byte header continues in."""
+        rest = header_len - (self._config.slot_bytes - _SLOT.size)
+        return max(0, -(-rest // self._config.slot_bytes))
 
 
 class TorchWriter(_GroupsOfLink, CrossRankWriter):
@@ -97,20 +130,25 @@ class TorchWriter(_GroupsOfLink, CrossRankWriter):
         """END's transfers once posted, each with the buffer it must keep alive."""
         self.sent_by_path = {"inline": 0, "payload": 0, "overflow": 0, "oversize": 0, "empty": 0}
         """Messages sent per path: inline / payload / empty say where the payload went;
-        overflow counts headers too big for the slot, oversize payloads too big for
-        the posted receive (each costs one round trip more)."""
+        overflow counts headers that continued beyond their slot, oversize payloads that
+        did not fit the receive posted for them and continued in the next ones."""
         self._credit_thread = _start_thread(self._credit_reader, self.name, "credits-in")
 
     def _deliver(self, msg: Message, header: bytes, specs: list[TensorSpec], total: int,
                  deadline: float | None, timeout: float | None) -> None:
-        with self._cond:
-            has_credit = self._cond.wait_for(
-                lambda: self._credits > 0 or self._closed or self._peer_closed or self._failure is not None,
-                remaining(deadline))
-            self._raise_if_unusable()
-            if not has_credit:
-                raise self._no_credit(timeout)
-            self._credits -= 1
+        with self._state:  # the common case, a credit at hand, without the condition's overhead
+            has_credit = self._credits > 0 and not (self._closed or self._peer_closed or self._failure)
+            if has_credit:
+                self._credits -= 1
+        if not has_credit:
+            with self._cond:
+                has_credit = self._cond.wait_for(
+                    lambda: self._credits > 0 or self._closed or self._peer_closed or self._failure is not None,
+                    remaining(deadline))
+                self._raise_if_unusable()
+                if not has_credit:
+                    raise self._no_credit(timeout)
+                self._credits -= 1
         try:
             with self._send_lock:
                 self._transmit(msg, header, specs, total)
@@ -130,36 +168,35 @@ class TorchWriter(_GroupsOfLink, CrossRankWriter):
         overflow = _SLOT.size + len(header) > slot_bytes
         inline_at = align_up(_SLOT.size + len(header))
         inline = (not overflow and 0 < total <= self._config.inline_max_bytes
-                  and self._data_backend == "gloo" and inline_at + total <= slot_bytes)
+                  and self._sizes is not None and inline_at + total <= slot_bytes)
         payload = total > 0 and not inline
-        oversize = payload and self._prepost and total > self._posted_bytes
+        pieces = [piece for piece, _ in self._sizes.take(total)] if payload and self._sizes else [total]
+        oversize = len(pieces) > 1
         flags = ((_FLAG_OVERFLOW if overflow else 0) | (_FLAG_INLINE if inline else 0)
                  | (_FLAG_PAYLOAD if payload else 0) | (_FLAG_OVERSIZE if oversize else 0))
         slot = self._slot.numpy()
         _SLOT.pack_into(slot, 0, _SLOT_MAGIC, _SLOT_MSG, flags, 0, len(header), total, time.time())
-        used = _SLOT.size
-        keep = []  # buffers that must outlive their transfers
-        if overflow:
-            keep.append(torch.frombuffer(bytearray(header), dtype=torch.uint8))
-        else:
-            slot[_SLOT.size:_SLOT.size + len(header)] = np.frombuffer(header, dtype=np.uint8)
-            used += len(header)
+        in_slot = min(len(header), slot_bytes - _SLOT.size)
+        slot[_SLOT.size:_SLOT.size + in_slot] = np.frombuffer(header, dtype=np.uint8, count=in_slot)
+        used = _SLOT.size + in_slot
         if inline:
             flat, _ = pack_tensors(msg.tensors, "cpu", specs)
             self._slot[inline_at:inline_at + total].copy_(flat)
             used = inline_at + total
         works = [self._meta.isend(self._slot[:used])]
+        keep = []  # buffers that must outlive their transfers
         if overflow:
-            works.append(self._meta.isend(keep[0]))
+            rest = torch.frombuffer(bytearray(header[in_slot:]), dtype=torch.uint8)
+            keep.append(rest)
+            works += [self._meta.isend(rest[at:at + slot_bytes]) for at in range(0, rest.numel(), slot_bytes)]
         if payload:
             device = self.spec.src_device if self._data_backend == "nccl" else "cpu"
             flat, _ = pack_tensors(msg.tensors, device, specs)
             keep.append(flat)
-            if oversize:
-                works.append(self._data.isend(filler()))
-            works.append(self._data.isend(flat))
-            if self._prepost:
-                self._posted_bytes = next_prepost(self._posted_bytes, total)
+            at = 0
+            for piece in pieces:
+                works.append(self._data.isend(flat[at:at + piece]))
+                at += piece
         self._wait_all(works, payload and self._data_backend == "nccl")
         self.sent_by_path["inline" if inline else "payload" if total else "empty"] += 1
         if overflow:
@@ -216,17 +253,19 @@ class TorchWriter(_GroupsOfLink, CrossRankWriter):
             self._fail(f"END to rank {self._peer} failed: {e}")
 
     def _end_wanted(self) -> bool:
-        # The reader's slot reader stops only at END, so it gets one even when this
+        # The reader's arrival thread stops only at END, so it gets one even when this
         # end never closes.
         return self._closed or self._peer_closed
 
     def _post_end(self) -> None:
+        """END fills every slot receive the reader keeps posted (it stops at the first),
+        and a filler every payload receive, so nothing is left posted on the groups."""
         with self._send_lock:
             try:
-                _SLOT.pack_into(self._slot.numpy(), 0, _SLOT_MAGIC, _SLOT_END, 0, 0, 0, 0, time.time())
-                end_slot = self._slot[:_SLOT.size]
-                end = [(self._meta.isend(end_slot), end_slot)]
-                if self._prepost:  # completes the payload receive the reader has posted
+                end_slot = torch.zeros(_SLOT.size, dtype=torch.uint8)
+                _SLOT.pack_into(end_slot.numpy(), 0, _SLOT_MAGIC, _SLOT_END, 0, 0, 0, 0, time.time())
+                end = [(self._meta.isend(end_slot), end_slot) for _ in range(POSTED_AHEAD)]
+                for _ in self._sizes.queue if self._sizes else ():
                     end_filler = filler()
                     end.append((self._data.isend(end_filler), end_filler))
             except Exception as e:
@@ -249,6 +288,17 @@ class TorchWriter(_GroupsOfLink, CrossRankWriter):
         return dist.is_initialized()  # once the groups are destroyed, nothing can be sent on them
 
 
+class _Arrival(NamedTuple):
+    """A message as the arrival thread leaves it for ``recv``: not decoded yet."""
+
+    header: memoryview
+    payload: torch.Tensor
+    """The packed tensors (a view into the receive buffer where possible)."""
+    total: int
+    sent_at: float
+    arrived_at: float
+
+
 class TorchReader(_GroupsOfLink, CrossRankReader):
     """The receiving end of a torch.distributed link. See the module docstring for the
     protocol and threads."""
@@ -256,151 +306,173 @@ class TorchReader(_GroupsOfLink, CrossRankReader):
     def __init__(self, spec: LinkSpec, *, meta, data, credit, config: TransportConfig) -> None:
         super().__init__(spec, config)
         self._use_groups(spec, meta, data, credit, config)
-        self._queue: deque[Message] = deque()
-        self._pending_credits = 0
+        self._queue: deque[_Arrival] = deque()
         self._device = torch.device(spec.dst_device)
-        self._posted_data: Posted | None = None
-        self._threads = [_start_thread(self._slot_reader, self.name, "slots-in"),
-                         _start_thread(self._credit_writer, self.name, "credits-out")]
+        self._credit_lock = threading.Lock()
+        self._credit_sends: deque[tuple[object, torch.Tensor]] = deque()
+        """Credit (and CLOSED) sends not waited for yet, each with its buffer."""
+        self._closed_sent = False
+        self._thread = _start_thread(self._arrivals, self.name, "arrivals")
 
     def recv(self, timeout: float | None = None) -> Message:
         deadline = deadline_of(timeout)
-        with self._cond:
-            self._cond.wait_for(
-                lambda: self._queue or self._closed or self._ended or self._failure is not None,
-                remaining(deadline))
-            if self._closed:
-                raise ChannelClosed(f"link {self.name!r} is closed")
-            if self._queue:
-                msg = self._queue.popleft()
-                if not self._ended:
-                    self._pending_credits += 1
-                    self._cond.notify_all()
-                return msg
-            if self._failure is not None:
-                raise PeerFailure(self._failure)
-            if self._ended:
-                raise self._ended_error()
-        raise ChannelTimeout(f"link {self.name!r}: nothing arrived within {timeout} s")
+        with self._state:  # a message already waiting: no condition needed
+            arrival = self._queue.popleft() if self._queue and not self._closed else None
+        if arrival is None:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed or self._ended or self._failure is not None,
+                                    remaining(deadline))
+                if self._closed:
+                    raise ChannelClosed(f"link {self.name!r} is closed")
+                if self._queue:
+                    arrival = self._queue.popleft()
+                elif self._failure is not None:
+                    raise PeerFailure(self._failure)
+                elif self._ended:
+                    raise self._ended_error()
+                else:
+                    raise ChannelTimeout(f"link {self.name!r}: nothing arrived within {timeout} s")
+        msg = self._decode(arrival)
+        self._send_credit(_CREDIT, 1)  # after END, CLOSED has gone out instead, and this does nothing
+        self.stats.record_recv(arrival.total, (arrival.arrived_at - arrival.sent_at) * 1000.0)
+        return msg
 
-    def _slot_reader(self) -> None:
+    def _decode(self, arrival: _Arrival) -> Message:
         try:
-            slots = Posted(self._config.slot_bytes, self._meta)
-            if self._prepost:
-                self._posted_data = Posted(self._posted_bytes, self._data)
+            msg, specs = decode_header(arrival.header)
+            payload = arrival.payload
+            if payload.device != self._device:
+                payload = payload.to(self._device)
+            msg.tensors = unpack_tensors(payload, specs)
+            return msg
+        except HeaderError as e:
+            raise PeerFailure(self._fail(f"bad message from rank {self._peer}: {e}")) from None
+
+    def _send_credit(self, code: int, count: int) -> None:
+        """Start a credit (or CLOSED, once) on its way from the caller's thread; the send
+        before the previous one is waited for, bounded, to keep the buffers few."""
+        stale = None
+        with self._credit_lock:
+            if self._closed_sent:
+                return
+            self._closed_sent = code == _CLOSED
+            buf = torch.tensor([code, count], dtype=torch.int64)
+            try:
+                self._credit_sends.append((self._credit.isend(buf), buf))
+            except Exception as e:  # the group is broken or gone
+                self._fail(f"credit to rank {self._peer} failed: {e}")
+                return
+            if len(self._credit_sends) > _CREDIT_SENDS_AHEAD:
+                stale = self._credit_sends.popleft()
+        if stale is not None:
+            try:
+                stale[0].wait(timeout=self._peer_wait)
+            except Exception as e:
+                self._fail(f"credit to rank {self._peer} failed: {e}")
+
+    def _arrivals(self) -> None:
+        """Wait for each slot (and its continuation and payload), queue it for ``recv``,
+        and keep the receives posted; until END or a failure."""
+        try:
+            slots = deque(Posted(self._config.slot_bytes, self._meta) for _ in range(POSTED_AHEAD))
+            data = deque(Posted(size, self._data) for size in self._sizes.queue) if self._sizes else None
             while True:
-                slot = slots.wait(IDLE_WAIT)
+                slot = slots.popleft().wait(IDLE_WAIT)
                 magic, kind, flags, _, header_len, total, sent_at = _SLOT.unpack_from(slot.numpy(), 0)
                 if magic != _SLOT_MAGIC or kind not in (_SLOT_MSG, _SLOT_END):
                     raise HeaderError(f"bad slot frame: magic {bytes(magic)!r}, kind {kind}")
                 if kind == _SLOT_END:
-                    self._take_end_filler()
+                    self._take_end(slots, data)
                     break
-                msg = self._assemble(slot, self._header(slot, flags, header_len), flags, header_len, total)
-                hop_ms = (time.time() - sent_at) * 1000.0
+                header = self._header(slot, slots, flags, header_len)
+                payload = self._payload(slot, data, flags, header_len, total)
+                arrival = _Arrival(header, payload, total, sent_at, time.time())
+                # Replaced before the hand-over, not after: woken, ``recv`` needs the GIL,
+                # and this thread should then give it up at once, in its next wait.
+                slots.append(Posted(self._config.slot_bytes, self._meta))
                 with self._cond:
                     if not self._closed:
-                        self._queue.append(msg)
-                        self._cond.notify_all()
-                # The next receives are posted only now, with the message already on its
-                # way to the consumer: posting is a call into gloo that would otherwise
-                # delay every message. (An overflow header, too, had to come first: it
-                # travels on the meta group, where a posted slot receive would take it.)
-                slots = Posted(self._config.slot_bytes, self._meta)
-                if self._prepost and self._posted_data is None:
-                    self._posted_data = Posted(self._posted_bytes, self._data)
-                self.stats.record_recv(total, hop_ms)
-        except Exception as e:  # gloo errors, a bad header, or a group already destroyed
+                        self._queue.append(arrival)
+                        self._cond.notify()
+        except Exception as e:  # gloo errors, a bad frame, or a group already destroyed
             self._fail(f"receive from rank {self._peer} failed: {e}")
             return
         with self._cond:
             self._ended = True
             self._cond.notify_all()
+        self._send_credit(_CLOSED, 0)
 
-    def _header(self, slot: torch.Tensor, flags: int, header_len: int) -> memoryview:
-        if flags & _FLAG_OVERFLOW:
-            extra = torch.empty(header_len, dtype=torch.uint8)
-            self._meta.irecv(extra).wait(timeout=self._peer_wait)
-            return extra.numpy().data
-        if _SLOT.size + header_len > slot.numel():
-            raise HeaderError(f"slot claims a {header_len}-byte header without overflow")
-        return slot.numpy()[_SLOT.size:_SLOT.size + header_len].data
+    def _header(self, slot: torch.Tensor, slots: deque[Posted], flags: int, header_len: int) -> memoryview:
+        in_slot = min(header_len, slot.numel() - _SLOT.size)
+        first = slot.numpy()[_SLOT.size:_SLOT.size + in_slot]
+        more = self._continuation_slots(header_len)
+        if bool(flags & _FLAG_OVERFLOW) != (more > 0):
+            raise HeaderError(f"a {header_len}-byte header {'marked' if flags & _FLAG_OVERFLOW else 'not marked'} "
+                              f"as continuing beyond its slot")
+        if not more:
+            return first.data
+        parts, left = [first], header_len - in_slot
+        for _ in range(more):  # each continuation slot is replaced at once: the writer sends them together
+            part = slots.popleft().wait(self._peer_wait)
+            slots.append(Posted(self._config.slot_bytes, self._meta))
+            parts.append(part.numpy()[:min(left, part.numel())])
+            left -= parts[-1].size
+        return np.concatenate(parts).data
 
-    def _assemble(self, slot: torch.Tensor, header: memoryview, flags: int, header_len: int,
-                  total: int) -> Message:
-        """The message of an arrived slot, its payload received and its tensors unpacked."""
-        msg, specs = decode_header(header)
+    def _payload(self, slot: torch.Tensor, data: deque[Posted] | None, flags: int, header_len: int,
+                 total: int) -> torch.Tensor:
+        """The packed tensors of an arrived slot: inline, received into the posted payload
+        receives (gloo), or received at their exact size (NCCL)."""
         if flags & _FLAG_INLINE:
             inline_at = align_up(_SLOT.size + header_len)
             if inline_at + total > slot.numel():
                 raise HeaderError(f"inline payload of {total} bytes does not fit the slot")
-            flat = slot[inline_at:inline_at + total]
-        elif flags & _FLAG_PAYLOAD:
-            flat = self._receive_payload(total, bool(flags & _FLAG_OVERSIZE))
-        else:
-            flat = torch.empty(0, dtype=torch.uint8)
-        if flat.device != self._device:
-            flat = flat.to(self._device)
-        msg.tensors = unpack_tensors(flat, specs)
-        return msg
-
-    def _receive_payload(self, total: int, oversize: bool) -> torch.Tensor:
-        if self._data_backend == "nccl":
+            return slot[inline_at:inline_at + total]
+        if not flags & _FLAG_PAYLOAD:
+            return torch.empty(0, dtype=torch.uint8)
+        if data is None:  # NCCL
             flat = torch.empty(total, dtype=torch.uint8, device=self._device)
             self._data.irecv(flat).wait()
             await_cuda(self._device, "receive", self._config.peer_timeout_s)
             return flat
-        if oversize != (total > self._posted_bytes):
-            raise HeaderError(f"payload of {total} bytes {'marked' if oversize else 'not marked'} oversize, "
-                              f"but {self._posted_bytes} bytes are posted")
-        posted = self._posted_data.wait(self._peer_wait)
-        if oversize:  # what arrived was the filler; the payload follows at its exact size
-            flat = torch.empty(total, dtype=torch.uint8)
-            self._data.irecv(flat).wait(timeout=self._peer_wait)
-        else:
-            flat = posted[:total]
-        self._posted_bytes = next_prepost(self._posted_bytes, total)
-        self._posted_data = None  # the slot reader posts the next one after handing over
-        return flat
+        pieces = self._sizes.take(total)
+        if bool(flags & _FLAG_OVERSIZE) != (len(pieces) > 1):
+            raise HeaderError(f"payload of {total} bytes {'marked' if flags & _FLAG_OVERSIZE else 'not marked'} "
+                              f"oversize, but {pieces[0][0]} bytes of it fit the receive posted for it")
+        parts = []
+        for piece, next_size in pieces:
+            parts.append(data.popleft().wait(self._peer_wait)[:piece])
+            data.append(Posted(next_size, self._data))  # at once: the next message may be on its way
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _take_end_filler(self) -> None:
-        """END comes with a filler for the posted payload receive: take it, so no receive
-        is left posted on the group."""
-        if self._posted_data is not None:
-            self._posted_data.wait(self._peer_wait)
-            self._posted_data = None
-
-    def _credit_writer(self) -> None:
-        buf = torch.zeros(2, dtype=torch.int64)
-        try:
-            while True:
-                with self._cond:
-                    self._cond.wait_for(lambda: self._pending_credits or self._closed or self._ended
-                                        or self._failure is not None)
-                    if self._failure is not None:
-                        return
-                    last = self._closed or self._ended
-                    buf[0], buf[1] = (_CLOSED, 0) if last else (_CREDIT, self._pending_credits)
-                    self._pending_credits = 0
-                self._credit.isend(buf).wait(timeout=self._peer_wait)
-                if last:
-                    return
-        except Exception as e:
-            self._fail(f"credit to rank {self._peer} failed: {e}")
+    def _take_end(self, slots: deque[Posted], data: deque[Posted] | None) -> None:
+        """END fills every receive still posted (``TorchWriter._post_end``): take them all,
+        so none is left posted on the groups."""
+        for posted in [*slots, *(data or ())]:
+            posted.wait(self._peer_wait)
 
     def _tell_writer_closed(self) -> None:
-        # The credit writer, woken by close, sends CLOSED; the slot reader runs on until
-        # the writer's END, dropping what arrives.
+        # The arrival thread runs on until the writer's END, dropping what arrives.
         with self._cond:
             self._queue.clear()
+        self._send_credit(_CLOSED, 0)
 
     def join(self, timeout: float | None = None) -> bool:
-        """True once both threads have stopped: the writer's END arrived (or the link
-        failed) and CLOSED went back."""
+        """True once the arrival thread stopped (the writer's END arrived, or the link
+        failed) and CLOSED, with every credit before it, went out."""
         deadline = deadline_of(timeout)
-        for thread in self._threads:
-            thread.join(remaining(deadline))
-        return not any(thread.is_alive() for thread in self._threads)
+        self._thread.join(remaining(deadline))
+        if self._thread.is_alive():
+            return False
+        with self._credit_lock:
+            sends, self._credit_sends = list(self._credit_sends), deque()
+        for work, _ in sends:
+            # The writer takes every credit up to CLOSED at once; a dead one fails at once.
+            try:
+                work.wait(timeout=self._peer_wait)
+            except Exception as e:
+                self._fail(f"credit to rank {self._peer} failed: {e}")
+        return True
 
     def _closable_at_exit(self) -> bool:
         return dist.is_initialized()  # once the groups are destroyed, nothing can be sent on them

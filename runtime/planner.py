@@ -10,8 +10,10 @@ without starting any process. It is the one place that decides
   a rank of its own; a world of one runs everything in one process.
 * every link, data and control alike, with the transport that carries it and the
   backend of its payloads: in-process when both ends share a rank, a same-host socket
-  with shared memory between two ranks of one node, torch.distributed between nodes or
-  GPUs (NCCL when both ends have a CUDA device of their own, gloo otherwise).
+  with shared memory between two ranks of one node, a TCP connection between two nodes,
+  and torch.distributed where a payload travels between GPUs (NCCL when both ends have
+  a CUDA device of their own, gloo where one end is on the CPU; or between nodes, when
+  ``transport.between_nodes`` is 'gloo').
 
 Every replica of stage i is linked to every replica of stage i+1 (how a stage spreads
 its outputs over those links is its ``routing``); the server rank has a control link to
@@ -238,6 +240,10 @@ def _carrier(src: RankAssignment, dst: RankAssignment, src_device: str, dst_devi
     # both ends must also share a network namespace, which ranks of one torchrun node do.
     if src.node == dst.node and payloads == "gloo" and transport.shared_memory and sys.platform == "linux":
         return Transport.SAME_HOST, None
+    # Between nodes, CPU payloads take a TCP connection of their own rather than gloo:
+    # the same bytes on the wire, without gloo's receiving thread and hand-off.
+    if src.node != dst.node and payloads == "gloo" and transport.between_nodes == "tcp":
+        return Transport.TCP, None
     return Transport.TORCH, payloads
 
 

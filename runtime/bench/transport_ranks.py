@@ -100,7 +100,7 @@ class Sample:
     round_trips_ns: list[int]
 
 
-class _Path(ABC):
+class Method(ABC):
     """One method's two ends. Rank 0 times ``stream`` and ``ping``; rank 1 mirrors them with
     ``take`` and ``echo``. ``prepare`` runs on both ranks before each job, off the clock."""
 
@@ -125,10 +125,11 @@ class _Path(ABC):
         """Release this end; both ranks call it at the same point."""
 
 
-class _ChannelPath(_Path):
+class ChannelPath(Method):
     """Messages with one tensor on two links; the acknowledgement is an empty CONTROL
     message on the backward link. ``transport``: what the planner decides for two ranks
-    of one node (SAME_HOST) or of two nodes (TORCH, on gloo)."""
+    of one node (SAME_HOST) or of two nodes (TCP; TORCH on gloo with
+    ``between_nodes: gloo``)."""
 
     def __init__(self, rank: int, transport: Transport, config: TransportConfig) -> None:
         backend = "gloo" if transport == Transport.TORCH else None
@@ -165,7 +166,7 @@ class _ChannelPath(_Path):
         self.into.join(WAIT_S / 3)
 
 
-class _RawPath(_Path):
+class RawPath(Method):
     """Blocking send/recv of the bare tensor on the default group, into a buffer allocated
     before the clock starts; the acknowledgement is one int64."""
 
@@ -197,7 +198,7 @@ class _RawPath(_Path):
             dist.send(self.buffer, self.peer)
 
 
-class _GrpcPath(_Path):
+class _GrpcPath(Method):
     """Server in rank 1 (its thread pool does the receiving), client in rank 0; the
     acknowledgement is the streaming call's answer."""
 
@@ -233,7 +234,7 @@ class _GrpcPath(_Path):
             self.server.stop(grace=None)
 
 
-class _QueuePath(_Path):
+class _QueuePath(Method):
     """The tensor's numpy array through two multiprocessing queues as deep as a link's
     capacity: pickled into a pipe by the queue's feeder thread, unpickled by ``get``,
     wrapped by ``torch.from_numpy``; the acknowledgement is a short bytes object."""
@@ -261,7 +262,7 @@ class _QueuePath(_Path):
             self.backward.put(self.forward.get(timeout=WAIT_S), timeout=WAIT_S)
 
 
-class _MemcpyPath(_Path):
+class _MemcpyPath(Method):
     """Copies in rank 0 only, into tensors allocated before the clock; a round trip is a
     copy there and one back, so half of it is one copy like every other method's."""
 
@@ -280,7 +281,7 @@ class _MemcpyPath(_Path):
         self.back.copy_(self.there)
 
 
-def _run_job(paths: dict[str, _Path], rank: int, job: Job) -> Sample | None:
+def run_job(paths: dict[str, Method], rank: int, job: Job) -> Sample | None:
     """Both ranks start together and end together (barriers); rank 0 returns its timings."""
     path = paths[job.method]
     path.prepare(job.payload)
@@ -296,7 +297,7 @@ def _run_job(paths: dict[str, _Path], rank: int, job: Job) -> Sample | None:
     return sample
 
 
-def _lead(path: _Path, tensor: torch.Tensor, job: Job) -> Sample:
+def _lead(path: Method, tensor: torch.Tensor, job: Job) -> Sample:
     start = time.perf_counter_ns()
     path.stream(tensor, job.messages)
     stream_s = (time.perf_counter_ns() - start) / 1e9
@@ -317,13 +318,13 @@ def _worker(rank: int, port: int, inbox, outbox, queues, config: TransportConfig
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                                 timeout=timedelta(seconds=JOB_TIMEOUT_S))
-        paths = {"channel": _ChannelPath(rank, Transport.SAME_HOST, config),
-                 "channel_gloo": _ChannelPath(rank, Transport.TORCH, config),
-                 "raw": _RawPath(rank), "grpc": _GrpcPath(rank),
+        paths = {"channel": ChannelPath(rank, Transport.SAME_HOST, config),
+                 "channel_gloo": ChannelPath(rank, Transport.TORCH, config),
+                 "raw": RawPath(rank), "grpc": _GrpcPath(rank),
                  "mp_queue": _QueuePath(*queues), "memcpy": _MemcpyPath()}
         outbox.put((rank, "ok", None))
         while (job := _next_job(inbox)) is not None:
-            outbox.put((rank, "ok", _run_job(paths, rank, job)))
+            outbox.put((rank, "ok", run_job(paths, rank, job)))
         for path in paths.values():
             path.close()
         destroy_distributed(WAIT_S / 3)

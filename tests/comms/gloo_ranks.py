@@ -38,6 +38,8 @@ def _worker(rank: int, world_size: int, port: int, backend: str, inbox, outbox) 
     import torch.distributed as dist
 
     logging.basicConfig(level=os.environ.get("MM_TEST_LOG", "WARNING"))
+    # As torchrun would: TCP links find this "node's" address on the route to the master.
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
     if "nccl" in backend:
         torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,

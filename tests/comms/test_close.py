@@ -26,7 +26,8 @@ from comms.message import Kind, Message
 from tests.comms.gloo_ranks import GlooWorld
 from tests.comms.test_torch_p2p import link, make_message
 
-TRANSPORTS = pytest.mark.parametrize("transport", [Transport.TORCH, Transport.SAME_HOST], ids=["gloo", "same-host"])
+TRANSPORTS = pytest.mark.parametrize("transport", [Transport.TORCH, Transport.SAME_HOST, Transport.TCP],
+                                   ids=["gloo", "same-host", "tcp"])
 BIG = 32 * 2**20
 """A payload no socket or TCP buffer holds: its send stays in progress while the peer is stopped."""
 
@@ -167,4 +168,4 @@ def test_close_to_a_stalled_peer_returns_at_once_and_join_is_bounded(world, tran
     assert writer["send_error"] is None  # the send in progress finished once the peer went on...
     assert reader["big"] and reader["joined"]  # ...and END followed it
     assert writer["joined"]
-    assert writer["paths"][{Transport.TORCH: "payload", Transport.SAME_HOST: "socket"}[transport]] == 1
+    assert writer["paths"]["payload" if transport == Transport.TORCH else "socket"] == 1

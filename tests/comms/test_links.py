@@ -1,6 +1,6 @@
 """Declaring links (``LinkSpec``: the transport and backend the planner decided) and
 building them without torch.distributed: in-process links, and the refusals of
-``create_links``. Cross-rank links are built in test_torch_p2p.py and test_local_link.py."""
+``create_links``. Cross-rank links are built in test_torch_p2p.py and test_socket_link.py."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def in_process(name: str, rank: int = 0) -> LinkSpec:
 
 
 def test_transports_are_named_as_in_configs_and_plans():
-    assert [t.value for t in Transport] == ["in-process", "same-host", "torch"]
+    assert [t.value for t in Transport] == ["in-process", "same-host", "tcp", "torch"]
 
 
 def test_valid_specs_of_every_transport():
@@ -79,3 +79,13 @@ def test_refusals_name_the_link():
         create_links([{"name": "a"}])
     with pytest.raises(TransportError, match="'a'.*needs torch.distributed initialised"):
         create_links([spec(transport=Transport.SAME_HOST, backend=None)])
+
+
+def test_between_nodes_is_tcp_or_gloo_and_a_wrong_value_names_both():
+    from comms.config import TransportConfig
+    from core.config import ConfigError
+
+    assert TransportConfig().between_nodes == "tcp"
+    assert TransportConfig(between_nodes="gloo").between_nodes == "gloo"
+    with pytest.raises(ConfigError, match=r"between_nodes: got 'nccl'; allowed: 'tcp', 'gloo'"):
+        TransportConfig(between_nodes="nccl")

@@ -7,7 +7,6 @@ host A's loopback, as it would on a head node.
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,57 +14,42 @@ import time
 
 import pytest
 
+from runtime.bench.virtual_hosts import VirtualHostsUnavailable, unavailable_reason, veth_pair
 from tests.integration.processes import LAUNCHER, REPO, URL
 from tests.integration.test_torchrun import torchrun_command
 
 pytestmark = [
     pytest.mark.timeout(240),
-    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2"),
+    pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason())),
 ]
-
-
-def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, timeout=20)
 
 
 @pytest.fixture
 def two_hosts():
-    """Namespaces mm<id>a / mm<id>b with 10.<n>.<m>.1 and .2 on a veth pair."""
-    tag = f"{os.getpid() % 10000}{random.randint(0, 99)}"
-    net = f"10.{random.randint(100, 199)}.{random.randint(0, 255)}"
-    hosts = [(f"mm{tag}a", f"mv{tag}a", f"{net}.1"), (f"mm{tag}b", f"mv{tag}b", f"{net}.2")]
     try:
-        for ns, _, _ in hosts:
-            sh("ip", "netns", "add", ns)
-        sh("ip", "link", "add", hosts[0][1], "type", "veth", "peer", "name", hosts[1][1])
-        for ns, dev, addr in hosts:
-            sh("ip", "link", "set", dev, "netns", ns)
-            sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{addr}/24", "dev", dev)
-            sh("ip", "netns", "exec", ns, "ip", "link", "set", dev, "up")
-            sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-    except (subprocess.CalledProcessError, OSError) as e:
+        with veth_pair() as hosts:
+            yield hosts
+    except VirtualHostsUnavailable as e:
         pytest.skip(f"cannot create network namespaces here: {e}")
-    yield hosts
-    for ns, _, _ in hosts:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
 
 
 def test_mirror_across_two_hosts(two_hosts, tmp_path):
-    """4 ranks, 2 per host: rank 0 (server) and vision on A, two generators on B."""
-    head_addr = two_hosts[0][2]
+    """4 ranks, 2 per host: rank 0 (server) and vision on A, two generators on B; the
+    links between them are TCP links across the veth pair."""
+    head_addr = two_hosts[0].address
     port = random.randint(20000, 40000)
     procs, logs = [], []
-    for i, (ns, dev, addr) in enumerate(two_hosts):
-        logs.append(tmp_path / f"host{i}.log")
+    for node_rank, host in enumerate(two_hosts):
+        logs.append(tmp_path / f"host{node_rank}.log")
         with open(logs[-1], "wb") as log:
-            # In a namespace the hostname resolves nowhere: name the address torchrun
-            # advertises, the interface gloo uses, and which agent hosts the rendezvous.
+            # In a namespace the host name resolves nowhere: name the interface gloo
+            # uses; the static rendezvous puts node 0, and so rank 0, on host A.
             procs.append(subprocess.Popen(
-                ["ip", "netns", "exec", ns, "env", f"GLOO_SOCKET_IFNAME={dev}", "PYTHONUNBUFFERED=1",
-                 *torchrun_command(), "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-                 "--rdzv-endpoint", f"{head_addr}:{port}", "--rdzv-id", f"two-hosts-{port}",
-                 "--rdzv-conf", f"is_host={'true' if i == 0 else 'false'}", "--local-addr", addr,
-                 str(LAUNCHER), "--port", "8765"],
+                host.command("env", f"GLOO_SOCKET_IFNAME={host.interface}", "PYTHONUNBUFFERED=1",
+                             *torchrun_command(), "--nnodes", "2", "--nproc-per-node", "2",
+                             "--node-rank", str(node_rank), "--rdzv-backend", "static",
+                             "--rdzv-endpoint", f"{head_addr}:{port}", "--rdzv-conf", "timeout=60",
+                             str(LAUNCHER), "--port", "8765"),
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True))
     try:
         deadline = time.monotonic() + 120
@@ -75,7 +59,7 @@ def test_mirror_across_two_hosts(two_hosts, tmp_path):
             time.sleep(0.3)
         # The WebSocket client must run inside host A's namespace: a child process
         # (``-c`` with cwd at the repo root makes ``tests`` importable there).
-        client = subprocess.run(["ip", "netns", "exec", two_hosts[0][0], sys.executable, "-c", CLIENT],
+        client = subprocess.run(two_hosts[0].command(sys.executable, "-c", CLIENT),
                                 capture_output=True, text=True, timeout=120, cwd=REPO)
         assert client.returncode == 0, client.stdout + client.stderr
         for p in procs:
@@ -100,4 +84,7 @@ check_stream(got, 11)
 stats = got.of_type("stats")[-1]
 assert [r["role"] for r in stats["ranks"]] == ["server+ingest+display", "vision", "generator", "generator"]
 assert all(r["alive"] for r in stats["ranks"])
+# Frames crossed the hosts both ways: the links between them are TCP links.
+nodes = {r["rank"]: r["node"] for r in stats["ranks"]}
+assert {nodes[0], nodes[1]} == {nodes[0]} and {nodes[2], nodes[3]} == {nodes[2]} and nodes[0] != nodes[2], nodes
 """

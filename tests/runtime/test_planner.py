@@ -338,23 +338,30 @@ def transports(p: Plan) -> dict[str, str]:
 
 
 def test_each_link_gets_its_transport_and_backend_once():
-    # 2 nodes x 4, a GPU per worker rank: NCCL between GPU stages, gloo where an end is
-    # on the CPU, a same-host socket within a node unless NCCL carries it.
+    # 2 nodes x 4, a GPU per worker rank: NCCL between GPU stages, a TCP link between
+    # nodes where an end is on the CPU, a same-host socket within a node unless NCCL
+    # carries it.
     p = plan(mirror(vision=2), 8, nnodes=2, gpus_per_node=4)
     links = {link.name: link for link in p.links}
     assert (links["ingest#0->vision#0"].transport, links["ingest#0->vision#0"].backend) == (Transport.SAME_HOST, None)
-    assert links["ingest#0->vision#1"].describe_transport() == "torch (gloo)"  # node 0 CPU -> node 1 GPU
+    assert (links["ingest#0->vision#1"].transport, links["ingest#0->vision#1"].backend) == (Transport.TCP, None)
     assert links["vision#0->generator#0"].describe_transport() == "torch (nccl)"  # same node, GPU to GPU
     assert links["vision#0->generator#2"].describe_transport() == "torch (nccl)"  # across nodes
-    assert links["generator#2->display#0"].describe_transport() == "torch (gloo)"  # node 1 -> server CPU
+    assert links["generator#2->display#0"].describe_transport() == "tcp"  # node 1 GPU -> server CPU
     assert links["control:0->1"].describe_transport() == "same-host"
-    assert links["status:4->0"].describe_transport() == "torch (gloo)"
+    assert links["status:4->0"].describe_transport() == "tcp"
     # The same layout without GPUs, with and without shared memory.
     cpu = plan(mirror(vision=2), 8, nnodes=2)
     assert transports(cpu)["vision#0->generator#0"] == "same-host"
-    assert transports(cpu)["vision#0->generator#2"] == "torch (gloo)"
+    assert transports(cpu)["vision#0->generator#2"] == "tcp"
     no_shm = plan(mirror(vision=2), 8, nnodes=2, transport=TransportConfig(shared_memory=False))
-    assert set(transports(no_shm).values()) == {"torch (gloo)"}
+    assert set(transports(no_shm).values()) == {"torch (gloo)", "tcp"}
+    assert transports(no_shm)["vision#0->generator#0"] == "torch (gloo)"  # same node, no shared memory
+    # Between nodes on gloo, as before TCP links: every cross-node CPU link a torch link.
+    on_gloo = plan(mirror(vision=2), 8, nnodes=2, transport=TransportConfig(between_nodes="gloo"))
+    assert "tcp" not in set(transports(on_gloo).values())
+    assert transports(on_gloo)["vision#0->generator#2"] == "torch (gloo)"
+    assert transports(on_gloo)["vision#0->generator#0"] == "same-host"
 
 
 def test_ranks_sharing_one_gpu_never_get_nccl_links():

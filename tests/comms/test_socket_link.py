@@ -1,10 +1,11 @@
-"""Same-host links (SocketWriter / SocketReader: Unix socket + shared memory) across real
-processes.
+"""Socket links (SocketWriter / SocketReader) across real processes: same-host (Unix
+socket + shared memory) and TCP (between hosts; here on loopback).
 
-What is particular to this link: payloads in shared memory (segments handed over as
+What is particular to these links: payloads in shared memory (segments handed over as
 file descriptors, growing on demand), a fallback when shared memory cannot be had,
-a blocked ``recv`` woken by ``close``, bad frames. Credits, END / CLOSED and a killed
-peer are tested on both link kinds in test_torch_p2p.py, closing and joining in test_close.py.
+payloads in the TCP stream, a blocked ``recv`` woken by ``close``, bad frames. Credits,
+END / CLOSED and a killed peer are tested on every link kind in test_torch_p2p.py,
+closing and joining in test_close.py.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from comms.errors import ChannelClosed, ChannelTimeout, PeerFailure
 from comms.header import encode_header
 from comms.link_spec import LinkSpec, Transport
 from comms.links import create_links
-from comms.local_link import _ANNOUNCE, _FRAME, _SHM, _SHM_NEW, SocketReader, SocketWriter
 from comms.message import Kind, Message
+from comms.socket_link import _ANNOUNCE, _FRAME, _SHM, _SHM_NEW, SocketReader, SocketWriter
 from tests.comms.gloo_ranks import GlooWorld
 from tests.comms.test_torch_p2p import link, make_message, my_end, same_message
 
@@ -51,8 +52,8 @@ def _r_order_and_paths(rank, world, shared_memory_works):
         shm.create_file = create_file  # the world's processes run later tests too
 
 
-def _order_and_paths(rank):
-    ch = my_end(create_links([local("same#0->host#0")]), "same#0->host#0")
+def _order_and_paths(rank, transport=Transport.SAME_HOST):
+    ch = my_end(create_links([link("same#0->host#0", transport=transport)]), "same#0->host#0")
     messages = [make_message(i) for i in range(60)]
     messages += [Message(kind=Kind.DATA, frame_id=100 + i, tensors=[torch.full((n,), i, dtype=torch.uint8)])
                  for i, n in enumerate([3 * 2**20, 100_000, 5 * 2**20 + 1, 70_000, INLINE_MAX_BYTES, 0])]
@@ -61,7 +62,7 @@ def _order_and_paths(rank):
             ch.send(m, timeout=10)
         ch.close()
         joined = ch.join(10)
-        return {"kind": type(ch).__name__, "paths": dict(ch.sent_by_path), "off": ch._shm.off_reason,
+        return {"kind": type(ch).__name__, "paths": dict(ch.sent_by_path), "off": ch._shm and ch._shm.off_reason,
                 "joined": joined}
     ok = [same_message(ch.recv(timeout=10), m) for m in messages]
     with pytest.raises(ChannelClosed):
@@ -130,6 +131,19 @@ def test_without_shared_memory_payloads_travel_in_the_socket(world):
     assert all(receiver["ok"])
     assert "cannot create" in sender["off"]
     assert sender["paths"]["shm"] == 0 and sender["paths"]["socket"] >= 20
+
+
+def _r_tcp_order_and_paths(rank, world):
+    return _order_and_paths(rank, Transport.TCP)
+
+
+@pytest.mark.timeout(60)
+def test_a_tcp_link_carries_every_payload_in_its_stream_in_order_byte_exact(world):
+    sender, receiver = world.run(_r_tcp_order_and_paths, timeout=50)
+    assert sender["kind"] == "SocketWriter" and sender["joined"]
+    assert all(receiver["ok"]) and receiver["received"] == 66
+    paths = sender["paths"]
+    assert paths["shm"] == 0 and paths["socket"] >= 20 and paths["inline"] > 0 and paths["empty"] > 0
 
 
 @pytest.mark.timeout(60)

@@ -1,14 +1,19 @@
-"""Links between two ranks on one host: headers over a Unix socket, payloads through
-shared memory, and no background threads.
+"""Links between two ranks over a socket, with no background threads: a Unix socket and
+shared memory on one host, a TCP connection between hosts.
 
-A gloo link runs three threads per end and hands every message from a gloo wait to the
-consumer's thread: on a 2-core machine each hand-off costs tens of microseconds, and
-the link threads compete for the GIL with the stage they serve. Between two processes
-on one host a Unix socket does the job with the caller's own thread: ``recv`` waits in
-``poll`` with its timeout (a gloo wait cannot time out without closing the connection),
-``send`` writes one frame. Payloads above ``TransportConfig.inline_max_bytes`` go
-through the writer's shared-memory segment (``comms.shm``), so the socket carries only
-small frames.
+A gloo link runs a thread per group it receives on and hands every message from a gloo
+wait to the consumer's thread: on a 2-core machine each hand-off costs tens of
+microseconds, and the link threads compete for the GIL with the stage they serve. A
+socket does the job with the caller's own thread: ``recv`` waits in ``poll`` with its
+timeout (a gloo wait cannot time out without closing the connection), ``send`` writes
+one frame. Both ends use it the same way on both kinds of socket:
+
+* same host (``Transport.SAME_HOST``): payloads above ``TransportConfig.inline_max_bytes``
+  go through the writer's shared-memory segment (``comms.shm``), so the socket carries
+  only small frames;
+* between hosts (``Transport.TCP``): every payload follows its frame on the connection
+  (Nagle off, so a frame leaves at once). The kernel's TCP stack moves the bytes as
+  gloo's would, without gloo's loop thread and the hand-off after it.
 
 Frames, writer -> reader: ``_FRAME`` (kind, flags, shared-memory chunk, header length,
 payload length, send time), the encoded header, then a segment announcement (flag
@@ -24,12 +29,11 @@ Closing without waiting: ``writer.close`` writes what the socket takes of END no
 ``reader.close`` writes CLOSED and shuts the socket's read side, which wakes a ``recv``
 blocked in another thread.
 
-Setup (``comms.links.connect_reader`` and ``connect_writer``, at the same point of
-link setup on the two ranks): the reader listens on a fresh abstract socket name and
-sends the name to the writer over the default process group; the writer connects.
-Abstract names need no file and vanish with the socket; they are per network
-namespace, which is why only ranks of one torchrun node (one host, one namespace) use
-these links.
+Setup (``comms.links``, at the same point of link setup on the two ranks): the reader
+listens and sends its address to the writer over the default process group; the writer
+connects. On one host that is a fresh abstract Unix socket name (no file, vanishes with
+the socket; per network namespace, which is why only ranks of one torchrun node use
+these), between hosts a TCP port on the reader's address (``comms.node_address``).
 """
 
 from __future__ import annotations
@@ -73,16 +77,19 @@ FOREVER = float("inf")
 
 
 class SocketWriter(CrossRankWriter):
-    """The sending end of a same-host link; ``send`` runs on the caller's thread (one
-    caller at a time)."""
+    """The sending end of a socket link; ``send`` runs on the caller's thread (one caller
+    at a time). ``fd_sock``: the socket for shared-memory descriptors, on one host; None
+    between hosts, where payloads always follow their frame."""
 
-    def __init__(self, spec: LinkSpec, sock: socket.socket, fd_sock: socket.socket, config: TransportConfig) -> None:
+    def __init__(self, spec: LinkSpec, sock: socket.socket, fd_sock: socket.socket | None,
+                 config: TransportConfig) -> None:
         super().__init__(spec, config)
         # Non-blocking with poll() waits: one recv/send system call per step, and no
         # per-call timeout switching (each settimeout is an fcntl).
         sock.setblocking(False)
         self._sock = sock
-        fd_sock.settimeout(config.peer_timeout_s)  # a descriptor is sent before its frame: never far
+        if fd_sock is not None:
+            fd_sock.settimeout(config.peer_timeout_s)  # a descriptor is sent before its frame: never far
         self._fd_sock = fd_sock
         self._wake_in, self._wake_out = socket.socketpair()
         """``close`` writes a byte into ``_wake_out`` to end a wait for credit."""
@@ -96,12 +103,13 @@ class SocketWriter(CrossRankWriter):
         """Held by the one call using the socket (a send, ``credits``, END, ``join``)."""
         self._peer_gone = False
         self._back = bytearray()
-        self._shm = SegmentWriter(spec.name, config.link_capacity)
+        self._shm = SegmentWriter(spec.name, config.link_capacity) if fd_sock is not None else None
         self._sent = 0
         self._end_rest: memoryview | None = None
         """The part of END the socket has not taken yet."""
         self.sent_by_path = {"inline": 0, "shm": 0, "socket": 0, "empty": 0}
-        """Where payloads went; 'socket': too big to inline but shared memory was unavailable."""
+        """Where payloads went; 'socket': too big to inline, on the connection itself (between
+        hosts, or on one host when shared memory was unavailable)."""
 
     def _deliver(self, msg: Message, header: bytes, specs: list[TensorSpec], total: int,
                  deadline: float | None, timeout: float | None) -> None:
@@ -173,7 +181,7 @@ class SocketWriter(CrossRankWriter):
 
     def _write_frame(self, msg: Message, header: bytes, specs: list[TensorSpec], total: int) -> None:
         flags, chunk, extra, payload = 0, 0, b"", None
-        placed = self._shm.reserve(total) if total > self._inline_max else None
+        placed = self._shm.reserve(total) if self._shm is not None and total > self._inline_max else None
         if placed is not None:
             segment, new = placed
             chunk = self._sent % self.capacity
@@ -239,7 +247,8 @@ class SocketWriter(CrossRankWriter):
                 except TransportError:
                     pass  # failed: finished with
                 if self._peer_closed or self._peer_gone or self._failure is not None:
-                    self._shm.close()
+                    if self._shm is not None:
+                        self._shm.close()
                     return True
             finally:
                 self._lock.release()
@@ -251,14 +260,16 @@ class SocketWriter(CrossRankWriter):
 
 
 class SocketReader(CrossRankReader):
-    """The receiving end of a same-host link; ``recv`` runs on the caller's thread (one
-    caller at a time), ``close`` from any thread."""
+    """The receiving end of a socket link; ``recv`` runs on the caller's thread (one
+    caller at a time), ``close`` from any thread. ``fd_sock`` as for ``SocketWriter``."""
 
-    def __init__(self, spec: LinkSpec, sock: socket.socket, fd_sock: socket.socket, config: TransportConfig) -> None:
+    def __init__(self, spec: LinkSpec, sock: socket.socket, fd_sock: socket.socket | None,
+                 config: TransportConfig) -> None:
         super().__init__(spec, config)
         sock.setblocking(False)  # see SocketWriter
         self._sock = sock
-        fd_sock.settimeout(config.peer_timeout_s)
+        if fd_sock is not None:
+            fd_sock.settimeout(config.peer_timeout_s)
         self._fd_sock = fd_sock
         self._readable = _poller((sock, select.POLLIN))
         self._writable = _poller((sock, select.POLLOUT))
@@ -272,6 +283,7 @@ class SocketReader(CrossRankReader):
         """Serialises CREDIT and CLOSED writes (``close`` may come from any thread)."""
         self._shm_in = SegmentReader()
         self._device = torch.device(spec.dst_device)
+
 
     def recv(self, timeout: float | None = None) -> Message:
         deadline = deadline_of(timeout)
@@ -304,6 +316,8 @@ class SocketReader(CrossRankReader):
     def _read_message(self, flags: int, chunk: int, header_len: int, total: int) -> Message:
         msg, specs = decode_header(self._read_exact(header_len))
         if flags & _SHM:
+            if self._fd_sock is None:
+                raise HeaderError("a shared-memory payload on a link between hosts")
             if flags & _SHM_NEW:
                 chunk_bytes, chunks = _ANNOUNCE.unpack(self._read_exact(_ANNOUNCE.size))
                 _, fds, _, _ = socket.recv_fds(self._fd_sock, 1, 1)  # sent before the frame
