@@ -6,7 +6,7 @@
     python launch/bench.py --sections models,diffusion,gpu,lipsync   # the GPU script, on a CUDA host
 
 Sections (runtime/bench/, in this order): pipeline, synthetic, transport, models, diffusion,
-gpu, lipsync. A section that cannot be imported for lack of an optional third-party package is
+gpu, lipsync, multihost (two network namespaces as hosts: needs root). A section that cannot be imported for lack of an optional third-party package is
 skipped with the reason; one that fails to import otherwise (a first-party module missing included), or
 raises, is recorded as failed (traceback in bench.log) and the others still run. Exit
 code 1 when a section failed; a section skipped for a stated reason (e.g. no CUDA device)

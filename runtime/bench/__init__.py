@@ -6,4 +6,6 @@ PNG plots.
     synthetic  chains of sleep / busy-loop stages: achieved FPS vs the ideal bound
     transport  our channel vs raw send/recv, gRPC bytes, multiprocessing.Queue, memcpy
     gpu        stage timings on CUDA, NCCL channel figures (skipped without a device)
+    multihost  two network namespaces as hosts: channel vs raw gloo, the pipeline on one host vs two
+               (skipped without root)
 """

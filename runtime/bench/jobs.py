@@ -95,12 +95,7 @@ class PipelineJob:
         """Launch and wait until rank 0 serves; returns the port. Raises ``JobError`` with
         the log's tail if a process exits or time runs out. Whatever ends the wait early
         (that error, Ctrl-C, anything else) stops the job first, so no rank is orphaned."""
-        if self._proc is not None:
-            raise JobError(f"job {self.name} was already started")
-        started = time.monotonic()
-        with open(self.log_path, "wb") as log:
-            self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                          env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+        started = self.launch()
         try:
             self.url, self.port = self._wait_until_ready(started + self.ready_timeout_s)
         except BaseException:
@@ -108,6 +103,18 @@ class PipelineJob:
             raise
         self.startup_s = time.monotonic() - started
         return self.port
+
+    def launch(self) -> float:
+        """Start the processes without waiting for them to serve (``start`` waits; a part of
+        a job that runs no rank 0, e.g. another node's agent, prints no ready line); returns
+        ``time.monotonic()`` at the launch."""
+        if self._proc is not None:
+            raise JobError(f"job {self.name} was already started")
+        started = time.monotonic()
+        with open(self.log_path, "wb") as log:
+            self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                          env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+        return started
 
     def _wait_until_ready(self, deadline: float) -> tuple[str, int]:
         """(URL, port) from rank 0's ready line; ``JobError`` if the launcher exits or

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SECTIONS = ("pipeline", "synthetic", "transport", "models", "diffusion", "gpu", "lipsync")
+SECTIONS = ("pipeline", "synthetic", "transport", "models", "diffusion", "gpu", "lipsync", "multihost")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -27,6 +27,7 @@ SECTION_MODULES = {
     "diffusion": "runtime.bench.diffusion",
     "gpu": "runtime.bench.gpu",
     "lipsync": "runtime.bench.lipsync",
+    "multihost": "runtime.bench.multihost",
 }
 FAILED = "failed: "
 """Prefix of ``SectionResult.skipped`` for a section that broke (versus one skipped for a reason)."""

@@ -149,19 +149,20 @@ _RATIOS = {"vs_raw_mb_per_s": ("raw", "mb_per_s"), "vs_raw_p50": ("raw", "p50_us
 """Channel-row ratio columns: (the other method, the figure compared)."""
 
 
-def rows_of(sizes: tuple[Payload, ...], rounds: list[Round]) -> list[dict]:
+def rows_of(sizes: tuple[Payload, ...], rounds: list[Round], methods: tuple[str, ...] = METHODS) -> list[dict]:
     """One row per size and method with the median of each figure over the rounds; the
-    channel rows also get their ratios to the raw and gRPC rows' medians."""
+    channel rows also get their ratios to the raw and gRPC rows' medians (those of them
+    ``methods`` has: section 'multihost' runs no gRPC)."""
     rows = []
     for payload in sizes:
         medians = {method: {key: stats.median(getattr(r[method, payload.label], key) for r in rounds)
-                            for key in ("mb_per_s", "p50_us", "p99_us")} for method in METHODS}
-        for method in METHODS:
+                            for key in ("mb_per_s", "p50_us", "p99_us")} for method in methods}
+        for method in methods:
             row = {"method": method, "size_label": payload.label, "size_bytes": payload.nbytes,
                    "tensor": payload.describe(), **medians[method]}
             if method.startswith("channel"):
                 row |= {column: stats.ratio(medians[method][key], medians[other][key])
-                        for column, (other, key) in _RATIOS.items()}
+                        for column, (other, key) in _RATIOS.items() if other in medians}
             rows.append(row)
     return rows
 
@@ -170,6 +171,8 @@ def _judge(rows: list[dict], name: str, size: str, column: str, bar: float, at_l
     """The channel row's ratio ``column`` at ``size`` against ``bar`` (>= or <=)."""
     goal = f"{'>=' if at_least else '<='} {bar:g}x"
     by = {(row["method"], row["size_label"]): row for row in rows}
+    if not any(method == "channel" for method, _ in by):
+        return Target(name=name, goal=goal, measured="not measured: no channel in this run", met=None)
     if ("channel", size) not in by:
         return Target(name=name, goal=goal, measured=f"not measured: no {size} payload in this run", met=None)
     other, key = _RATIOS[column]
@@ -180,16 +183,19 @@ def _judge(rows: list[dict], name: str, size: str, column: str, bar: float, at_l
     return Target(name=name, goal=goal, measured=measured, met=met)
 
 
-def targets_of(rows: list[dict]) -> list[Target]:
-    """The issue's three goals; the throughput ones once per payload of >= 1 MB."""
+def targets_of(rows: list[dict], against_grpc: bool = True) -> list[Target]:
+    """The issue's three goals; the throughput ones once per payload of >= 1 MB. Without
+    ``against_grpc`` only the two against raw (for runs without gRPC, as 'multihost')."""
     large = list(dict.fromkeys(row["size_label"] for row in rows if row["size_bytes"] >= LARGE_BYTES))
     targets = [_judge(rows, f"channel / raw throughput at {size}", size, "vs_raw_mb_per_s", 0.9, True)
                for size in large]
     targets.append(_judge(rows, "channel / raw p50 latency, 32 KB", "32 KB", "vs_raw_p50", 1.5, False))
-    targets += [_judge(rows, f"channel / gRPC throughput at {size}", size, "vs_grpc_mb_per_s", 2.0, True)
-                for size in large]
+    if against_grpc:
+        targets += [_judge(rows, f"channel / gRPC throughput at {size}", size, "vs_grpc_mb_per_s", 2.0, True)
+                    for size in large]
     if not large:
-        targets.append(Target(name="channel throughput at >= 1 MB", goal=">= 0.9x raw, >= 2x gRPC",
+        targets.append(Target(name="channel throughput at >= 1 MB",
+                              goal=">= 0.9x raw, >= 2x gRPC" if against_grpc else ">= 0.9x raw",
                               measured="not measured: no payload of >= 1 MB in this run", met=None))
     return targets
 
@@ -223,7 +229,7 @@ def notes_of(plan: Plan) -> list[str]:
         f"channel: our channel with TransportConfig defaults (capacity {config.link_capacity}, payloads up to "
         f"{config.inline_max_bytes} B with their header), one link per direction, a Message with one tensor, "
         "built as the runtime builds a link between two ranks of one node: a same-host link, "
-        "comms.local_link (header and credits over a Unix socket on the caller's thread, larger payloads through "
+        "comms.socket_link (header and credits over a Unix socket on the caller's thread, larger payloads through "
         "shared memory). channel_gloo: the link the runtime builds between two nodes, run here on one host: a "
         f"torch link, comms.torch_p2p (gloo; {config.slot_bytes}-byte header slot, larger payloads on a data "
         "group). Targets are judged on channel. raw: blocking dist.send/recv of the bare tensor into a buffer "
@@ -250,10 +256,16 @@ def steps(options: BenchOptions) -> int:
 
 
 def _round_jobs(plan: Plan, index: int) -> list[Job]:
-    """Every method once per size; the method order rotates from round to round."""
-    shift = index % len(METHODS)
-    order = METHODS[shift:] + METHODS[:shift]
-    return [Job(method, payload, plan.messages, plan.pings) for payload in plan.sizes for method in order]
+    return round_jobs(METHODS, plan.sizes, plan.messages, plan.pings, index)
+
+
+def round_jobs(methods: tuple[str, ...], sizes: tuple[Payload, ...], messages: int, pings: int,
+               index: int) -> list[Job]:
+    """Round ``index``: every method once per size; the method order rotates from round to
+    round, so no method always runs first (on a cold cache) or right after another."""
+    shift = index % len(methods)
+    order = methods[shift:] + methods[:shift]
+    return [Job(method, payload, messages, pings) for payload in sizes for method in order]
 
 
 def run(options: BenchOptions, progress: Progress) -> SectionResult:
