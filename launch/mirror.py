@@ -3,6 +3,9 @@
     python launch/mirror.py                                   # embedded default, one process
     torchrun --standalone --nproc-per-node 3 launch/mirror.py # rank 0 web + ingest/display,
                                                               # rank 1 vision, rank 2 generator
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --standalone --nproc-per-node 3 --max-restarts 3 launch/mirror.py
+                                                              # restarts the workers after losing
+                                                              # a rank the job cannot do without
     python launch/mirror.py --config configs/mirror-2node.yaml --dry-run --world-size 8 --nnodes 2
     MINDMIRROR_TOKEN=... python launch/mirror.py --host 0.0.0.0 --tls-cert cert.pem --tls-key key.pem
                                                               # for browsers on other machines
@@ -59,9 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         the_plan = plan(config.pipeline, where.world_size, where.nnodes, cuda_devices(), config.transport)
         me = the_plan.ranks[where.rank]
         where.check_matches(me.node, me.local_rank)
+        from runtime.rank_loss import Restarts
         from runtime.rank_runtime import RankRuntime  # heavy imports only for a real run
 
-        runtime = RankRuntime(config, the_plan, where.rank)
+        restarts = Restarts.from_environment()
+        runtime = RankRuntime(config, the_plan, where.rank, restarts=restarts)
     except (ConfigError, RuntimeError) as e:
         # Every rank reads the same file: one line per node is enough.
         if where.local_rank == 0:
@@ -70,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_compute(config.compute)
     log = init_logger(where.rank, me.role, config.compute.log_level)
+    if where.rank == 0 and restarts.problem():
+        log.warning("%s", restarts.problem())
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda s, _f: runtime.note_signal(signal.Signals(s).name))
     if the_plan.world_size > 1:

@@ -22,17 +22,18 @@ from comms.message import Message
 from core.settings import RuntimeSettings
 from runtime.aggregate import Aggregator
 from runtime.affinity import Affinity, collect_reports, deliver_command
-from runtime.availability import StageAvailability, availability_message
+from runtime.availability import StageAvailability
 from runtime.compose import FRONT_DOOR, RankPart, RunnerPart
 from runtime.config import JobConfig
 from runtime.control import ControlClient, ControlHub, config_message
-from runtime.frontdoor import FrontDoor, ModelService, OutputSink
+from runtime.frontdoor import FrontDoor, JobStatus, ModelService, OutputSink
 from runtime.lifecycle import Lifecycle
 from runtime.live_config import LiveConfig
 from runtime.live_view import LiveView
 from runtime.gpu_stats import GpuSampler
 from runtime.metrics import LinkSource, RankSnapshot, StageMetrics, StageSource
 from runtime.planner import LinkKind
+from runtime.rank_loss import Hosting, RankLoss, Restarts
 from runtime.session_queue import SessionQueue
 from runtime.stage_loop import Fallback, Inlet, Outlet, Router, StageRunner
 from stages.base import Catalog, Stage, StageContext
@@ -51,6 +52,8 @@ class FrontEnd:
     sink: OutputSink
     """The last stage's outlet (when the page shows frames) and the route of stages' events."""
     aggregator: Aggregator
+    status: JobStatus
+    """What the pages are told when the job loses a rank."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -78,8 +81,11 @@ class RankPieces:
 
 
 def assemble(part: RankPart, config: JobConfig, links: LinkEnds, live: LiveView, lifecycle: Lifecycle,
-             health: Callable[[], dict]) -> RankPieces:
-    """The control plane's end and, on the server rank, the front end; no runners yet."""
+             health: Callable[[], dict], hosting: Hosting | None = None, restarts: Restarts = Restarts()) -> RankPieces:
+    """The control plane's end and, on the server rank, the front end; no runners yet.
+    ``hosting`` (who hosts what, from the plan) lets the server rank's hub go on without
+    a lost rank (``runtime.rank_loss``); without it every loss fails the job. ``restarts``
+    says whether torchrun will restart a failed job, for what the pages are told."""
     metrics = {runner.label: StageMetrics(runner.label) for runner in part.runners}
     data_links = {link.name: link for link in part.links if link.kind is LinkKind.DATA}
     availability = StageAvailability()
@@ -105,16 +111,22 @@ def assemble(part: RankPart, config: JobConfig, links: LinkEnds, live: LiveView,
         changed = availability.merge_rank(rank, snap.get("unavailable") or {})
         changed |= availability.merge_rank(part.rank, availability.local())  # the server rank's own stages
         if changed:
-            hub.broadcast(availability_message(availability.remote()))
+            hub.broadcast(availability.message())
 
     hub = client = front = None
     if part.control is not None and part.control.hub:
         # The hub and the front end need each other (heartbeats feed the aggregator, config
         # changes go out through the hub): the hub's callbacks look ``front`` up when called.
+        on_lost = None
+        if hosting is not None:
+            on_lost = RankLoss(hosting=hosting, policy=config.control.on_rank_loss, restarts=restarts,
+                               availability=availability, broadcast=lambda msg: hub.broadcast(msg),
+                               announce=lambda *status: front.status.announce(*status), lifecycle=lifecycle)
         hub = ControlHub(config=config.control, roles=part.control.roles, lifecycle=lifecycle,
                          ctl={rank: links.writers[name] for rank, name in part.control.sends.items()},
                          status={rank: links.readers[name] for rank, name in part.control.receives.items()},
-                         on_snapshot=on_snapshot, on_event=lambda msg: front.sink.deliver_event(msg))
+                         on_snapshot=on_snapshot, on_event=lambda msg: front.sink.deliver_event(msg),
+                         on_lost=on_lost)
     elif part.control is not None:
         (server_rank, status), = part.control.sends.items()
         client = ControlClient(config=config.control, ctl=links.readers[part.control.receives[server_rank]],
@@ -194,7 +206,9 @@ def _front_end(part: RankPart, config: JobConfig, live: LiveView, hub: ControlHu
     server = WebServer(config.server, door)
     sink = OutputSink(server, aggregator, is_open=door.is_open)
     door.session_closed = sink.forget
-    return FrontEnd(server=server, door=door, inbox=inbox, sink=sink, aggregator=aggregator)
+    status = JobStatus(server)
+    door.status = status.current
+    return FrontEnd(server=server, door=door, inbox=inbox, sink=sink, aggregator=aggregator, status=status)
 
 
 def _catalog(config: JobConfig) -> Catalog | None:
@@ -224,7 +238,16 @@ def _runner(runner: RunnerPart, part: RankPart, config: JobConfig, links: LinkEn
     placer = None
     if runner.spec.routing == "affinity" and pieces.affinity is not None and runner.next_stage is not None:
         placer = pieces.affinity.placer(runner.next_stage)
-    router = Router(outputs, runner.spec.routing, lifecycle.stopping, fallback, metrics, placer) if outputs else None
+    # Which replica each outlet leads to, so the router skips those the hub declared lost.
+    replica_of = {link.name: f"{link.dst_stage}#{link.dst_replica}"
+                  for link in part.links if link.kind is LinkKind.DATA}
+    availability = pieces.availability
+
+    def gone(outlet: str) -> bool:
+        return outlet in replica_of and availability.is_lost(replica_of[outlet])
+
+    router = (Router(outputs, runner.spec.routing, lifecycle.stopping, fallback, metrics, placer, gone=gone,
+                     name=runner.label) if outputs else None)
     return StageRunner(name=runner.label, stage=stage, inputs=inputs, router=router,
                        max_batch=runner.spec.max_batch, batch_wait_ms=runner.spec.batch_wait_ms, live=live,
                        metrics=metrics, lifecycle=lifecycle, publish_event=pieces.publish_event,

@@ -4,17 +4,22 @@ The server rank runs a ``ControlHub``; every other rank a ``ControlClient``. The
 over two small links per rank (CPU; the planner lists them beside the data links):
 
     control:s->r  Kind.CONTROL  {"op": "config", "revision", "settings"} | {"op": "stop", "reason", "failed"}
-                                {"op": "availability", "unavailable": {stage: reason}}
+                                {"op": "stop", "reason", "failed": true, "dismissed": true}  (to a rank given up on)
+                                {"op": "availability", "unavailable": {stage: reason}, "lost": [replica, ...]}
                                 {"op": "command", "stage", "replica", "command": {...}}  (runtime.affinity)
     status:r->s   Kind.STATUS   {"op": "heartbeat", "snapshot": {...metrics, stage reports...}}
                                 {"op": "leaving", "reason", "failed"}  (last, when the rank stops)
                   Kind.EVENT    a stage's notice for a browser session, forwarded to the server
 
-A rank that sends no heartbeat for ``liveness_timeout_s`` is declared stalled, and a
-broken link is a dead rank: either way the hub reports which rank and role, tells the
-others to stop, and the job ends with a failure instead of hanging. Every control
-thread is guarded: a bug in one ends the job visibly instead of leaving a rank deaf to
-stop or looking stalled.
+A rank that sends no heartbeat for ``liveness_timeout_s`` is declared stalled, a broken
+link is a dead rank, and a rank that leaves after a failure of its own has failed:
+either way the hub names the rank and role and hands the loss to ``on_lost``
+(``runtime.rank_loss``: go on degraded when the rank's work can be served elsewhere,
+else fail the job, which then ends instead of hanging). A rank lost before every rank
+was ready always fails the job. A stalled rank is told to stop (``dismissed``) in case
+it wakes up. Losing the server rank is always fatal for a worker. Every control thread
+is guarded: a bug in one ends the job visibly instead of leaving a rank deaf to stop or
+looking stalled.
 """
 
 from __future__ import annotations
@@ -29,13 +34,14 @@ from typing import Any, Callable
 from comms.channel import ChannelReader, ChannelWriter
 from comms.errors import ChannelClosed, ChannelTimeout, PeerFailure, TransportError
 from comms.message import Kind, Message
-from core.config import check, check_range
+from core.config import check, check_choice, check_range
 from core.settings import RuntimeSettings
 from runtime.affinity import COMMAND_OP
 from runtime.availability import AVAILABILITY_OP
 from runtime.lifecycle import Lifecycle
 from runtime.live_config import settings_from_dict, settings_to_dict
 from runtime.live_view import LiveView
+from runtime.rank_loss import LOSS_POLICIES
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +51,21 @@ class ControlConfig:
     heartbeat_s: float = 0.5
     """How often each rank reports liveness and metrics to the server rank."""
     liveness_timeout_s: float = 5.0
-    """A rank silent this long is declared stalled and the job stops."""
+    """A rank silent this long is declared stalled: lost, as if it died (``on_rank_loss``)."""
     shutdown_timeout_s: float = 10.0
     """Longest an orderly shutdown may take before the process exits regardless."""
+    on_rank_loss: str = "degrade"
+    """A worker rank died, stalled or failed: ``degrade`` goes on without it when every stage
+    replica it hosted can be served elsewhere (another replica, the stage's fallback) and
+    fails the job otherwise; ``fail`` always fails the job (``runtime.rank_loss``). A failed
+    job exits 1, which ``torchrun --max-restarts N`` answers with a restart."""
 
     def __post_init__(self) -> None:
         check_range(self.heartbeat_s, "heartbeat_s", 0.05, 10)
         check(self.liveness_timeout_s >= 4 * self.heartbeat_s, "liveness_timeout_s",
               f"must be at least 4 x heartbeat_s ({4 * self.heartbeat_s}), got {self.liveness_timeout_s}")
         check_range(self.shutdown_timeout_s, "shutdown_timeout_s", 1, 600)
+        check_choice(self.on_rank_loss, "on_rank_loss", LOSS_POLICIES)
 
 
 def config_message(revision: int, settings: RuntimeSettings) -> Message:
@@ -63,6 +75,11 @@ def config_message(revision: int, settings: RuntimeSettings) -> Message:
 
 def stop_message(reason: str, failed: bool) -> Message:
     return Message(kind=Kind.CONTROL, meta={"op": "stop", "reason": reason, "failed": failed})
+
+
+def dismiss_message(reason: str) -> Message:
+    """To a rank the job went on without: should it wake up, it must stop, not rejoin."""
+    return Message(kind=Kind.CONTROL, meta={"op": "stop", "reason": reason, "failed": True, "dismissed": True})
 
 
 def guarded(loop: Callable[[], None], name: str, lifecycle: Lifecycle) -> threading.Thread:
@@ -83,7 +100,8 @@ class ControlHub:
 
     def __init__(self, *, config: ControlConfig, ctl: dict[int, ChannelWriter], status: dict[int, ChannelReader],
                  roles: dict[int, str], lifecycle: Lifecycle, on_snapshot: Callable[[int, dict], None],
-                 on_event: Callable[[Message], None]) -> None:
+                 on_event: Callable[[Message], None],
+                 on_lost: Callable[[int, str, str], None] | None = None) -> None:
         self.config = config
         self.ctl = ctl
         self.status = status
@@ -92,6 +110,9 @@ class ControlHub:
         self.stopping = lifecycle.stopping
         self.on_snapshot = on_snapshot
         self.on_event = on_event
+        self.on_lost = on_lost or (lambda rank, cause, reason: lifecycle.fail(reason))
+        """(rank, 'died' | 'stalled' | 'failed', reason): a ready rank was lost
+        (``runtime.rank_loss.RankLoss``); without one, every loss fails the job."""
         self.started = time.monotonic()
         self.last_seen: dict[int, float | None] = {r: None for r in status}
         """None until a rank's first heartbeat, which it sends once its stages are set up."""
@@ -148,7 +169,8 @@ class ControlHub:
                     channel.send(Message(kind=item.kind, revision=item.revision, meta=dict(item.meta)),
                                  timeout=self.config.liveness_timeout_s)
                 except TransportError as e:
-                    self._mark_dead(rank, f"{self.describe(rank)} did not accept a control message: {e}")
+                    self._lose(rank, "stalled" if isinstance(e, ChannelTimeout) else "died",
+                               f"{self.describe(rank)} did not accept a control message: {e}")
 
     def _listen(self, rank: int) -> None:
         channel = self.status[rank]
@@ -161,20 +183,22 @@ class ControlHub:
                 continue
             except ChannelClosed:
                 if not self.stopping.is_set():
-                    self._mark_dead(rank, f"{self.describe(rank)} closed its control link unexpectedly")
+                    self._lose(rank, "died", f"{self.describe(rank)} closed its control link unexpectedly")
                 with self._lock:
                     self.alive[rank] = False
                 return
             except PeerFailure as e:
-                self._mark_dead(rank, f"{self.describe(rank)} died: {e}")
+                self._lose(rank, "died", f"{self.describe(rank)} died: {e}")
                 return
-            with self._lock:
-                self.last_seen[rank] = time.monotonic()
-                if all(seen is not None for seen in self.last_seen.values()):
-                    self.all_reported.set()
             if msg.kind == Kind.STATUS and msg.meta.get("op") == "leaving":
                 self._left(rank, str(msg.meta.get("reason")), bool(msg.meta.get("failed")))
                 return
+            with self._lock:
+                if not self.alive[rank]:
+                    continue  # given up on (it stalled): what it says now no longer counts
+                self.last_seen[rank] = time.monotonic()
+                if all(seen is not None for seen in self.last_seen.values()):
+                    self.all_reported.set()
             if msg.kind == Kind.STATUS:
                 self.on_snapshot(rank, msg.meta.get("snapshot", {}))
             elif msg.kind == Kind.EVENT:
@@ -185,24 +209,48 @@ class ControlHub:
             unreported = set(self.unreported())  # still setting up: the startup deadline applies
             for rank, (alive, silent) in self.liveness().items():
                 if alive and rank not in unreported and silent > self.config.liveness_timeout_s:
-                    self._mark_dead(rank, f"{self.describe(rank)} stalled: no heartbeat for {silent:.1f} s")
+                    self._lose(rank, "stalled", f"{self.describe(rank)} stalled: no heartbeat for {silent:.1f} s")
 
     def _left(self, rank: int, reason: str, failed: bool) -> None:
-        with self._lock:
-            self.alive[rank] = False
-        if self.stopping.is_set():
-            return
         if failed:
-            self.lifecycle.fail(f"{self.describe(rank)} failed: {reason}")
-        else:
-            self.lifecycle.request_stop(f"{self.describe(rank)} stopped: {reason}")
-
-    def _mark_dead(self, rank: int, reason: str) -> None:
+            self._lose(rank, "failed", f"{self.describe(rank)} failed: {reason}")
+            return
         with self._lock:
             was_alive = self.alive.get(rank, False)
             self.alive[rank] = False
         if was_alive and not self.stopping.is_set():
+            self.lifecycle.request_stop(f"{self.describe(rank)} stopped: {reason}")
+
+    def _lose(self, rank: int, cause: str, reason: str) -> None:
+        """``rank`` is gone for ``cause`` ('died', 'stalled', 'failed'): once, and only while
+        the job runs. Before it was ready, the job fails; after, ``on_lost`` decides."""
+        with self._lock:
+            was_alive = self.alive.get(rank, False)
+            self.alive[rank] = False
+            was_ready = self.last_seen.get(rank) is not None
+        if not was_alive or self.stopping.is_set():
+            return
+        if cause == "stalled":
+            self._dismiss(rank, reason)
+        if was_ready:
+            self.on_lost(rank, cause, reason)
+        else:
             self.lifecycle.fail(reason)
+
+    def _dismiss(self, rank: int, reason: str) -> None:
+        """Tell a stalled rank to stop, should it ever read it; on a thread of its own, as the
+        send may wait for a credit the stalled rank never returns."""
+        channel = self.ctl.get(rank)
+        if channel is None:
+            return
+
+        def send() -> None:
+            try:
+                channel.send(dismiss_message(reason), timeout=self.config.shutdown_timeout_s)
+            except TransportError as e:
+                log.debug("%s was not told to stop: %s", self.describe(rank), e)
+
+        threading.Thread(target=send, name=f"dismiss-{rank}", daemon=True).start()
 
 
 class ControlClient:
@@ -215,11 +263,12 @@ class ControlClient:
 
     def __init__(self, *, config: ControlConfig, ctl: ChannelReader, status: ChannelWriter, live: LiveView,
                  snapshot: Callable[[], dict], lifecycle: Lifecycle, server: str,
-                 on_availability: Callable[[dict[str, str]], None] = lambda unavailable: None,
+                 on_availability: Callable[[dict[str, str], list[str]], None] = lambda unavailable, lost: None,
                  on_command: Callable[[dict[str, Any]], object] = lambda meta: None) -> None:
         self.config = config
         self.on_availability = on_availability
-        """Applies the hub's map of stages that cannot serve (``runtime.availability``)."""
+        """Applies the hub's map of stages that cannot serve and its lost stage replicas
+        (``runtime.availability``)."""
         self.on_command = on_command
         """Hands a command for a stage replica to it, if this rank hosts it (``runtime.affinity``)."""
         self.server = server
@@ -290,6 +339,8 @@ class ControlClient:
                 settings = settings_from_dict(msg.meta["settings"])
                 if self.live.set(int(msg.meta["revision"]), settings):
                     log.info("live config revision %d applied", msg.meta["revision"])
+            elif op == "stop" and msg.meta.get("dismissed"):
+                self.lifecycle.fail(f"{self.server} went on without this rank: {msg.meta.get('reason')}")
             elif op == "stop" and msg.meta.get("failed"):
                 # The job failed elsewhere: this rank must end non-zero too, so that a
                 # scheduler sees one failed job rather than one failed rank. The reason
@@ -299,7 +350,7 @@ class ControlClient:
             elif op == "stop":
                 self.lifecycle.request_stop(str(msg.meta.get("reason", f"stop requested by {self.server}")))
             elif op == AVAILABILITY_OP:
-                self.on_availability(dict(msg.meta.get("unavailable") or {}))
+                self.on_availability(dict(msg.meta.get("unavailable") or {}), list(msg.meta.get("lost") or []))
             elif op == COMMAND_OP:
                 self.on_command(dict(msg.meta))
             else:

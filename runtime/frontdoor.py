@@ -3,9 +3,12 @@
 ``FrontDoor`` implements the server's ``PipelineHooks``: camera frames (or, for a
 pipeline that takes audio, audio chunks tagged with the session's avatar) go into the
 ``SessionQueue`` (the first stage's inlet), config changes go to ``LiveConfig`` and out
-to every rank, model loads and unloads to the replicas through ``Affinity``. ``OutputSink`` is the last stage's outlet: it hands finished frames to
-the server, keeping each session's frames in order. Either end is absent when the
-pipeline starts with a source stage or ends in a sink.
+to every rank, model loads and unloads to the replicas through ``Affinity``.
+``OutputSink`` is the last stage's outlet: it hands finished frames to the server,
+keeping each session's frames in order. Either end is absent when the pipeline starts
+with a source stage or ends in a sink. ``JobStatus`` is the job's word to the pages
+when it loses a rank (``runtime.rank_loss``): a ``status`` to every session, kept for
+the sessions that connect later.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ class FrontDoor:
         self._open: set[str] = set()
         self.session_closed: Callable[[str], None] = lambda session: None
         """Called when a browser leaves, so per-session state downstream is released."""
+        self.status: Callable[[], dict[str, Any] | None] = lambda: None
+        """The last ``status`` the pages were told (``JobStatus.current``)."""
 
     # -- sessions and frames ---------------------------------------------------------
 
@@ -203,6 +208,9 @@ class FrontDoor:
     def health(self) -> dict[str, Any]:
         return self._health()
 
+    def job_status(self) -> dict[str, Any] | None:
+        return self.status()
+
     def stats(self) -> dict[str, Any]:
         stats = self.aggregator.stats()
         if self.model_service is not None:
@@ -269,3 +277,23 @@ class OutputSink:
         with self._lock:
             self._last_frame.pop(session, None)
             self._aggregator.forget_session(session)
+
+
+class JobStatus:
+    """What the pages were last told about the job's lost ranks; thread-safe."""
+
+    def __init__(self, sink: SessionSink) -> None:
+        self._sink = sink
+        self._current: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+
+    def announce(self, state: str, message: str, lost: list[dict[str, Any]]) -> None:
+        """Tell every session (``state``: 'degraded', 'restarting' or 'stopping')."""
+        with self._lock:
+            self._current = {"state": state, "message": message, "lost": [dict(e) for e in lost]}
+        self._sink.deliver_status(state, message, lost)
+
+    def current(self) -> dict[str, Any] | None:
+        """The last announcement, for a session that connects now; None while nothing was lost."""
+        with self._lock:
+            return None if self._current is None else dict(self._current)

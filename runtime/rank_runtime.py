@@ -12,6 +12,11 @@ rank to report ready. Stop order (``close``): the web server, the stop message t
 rank, this rank's leaving notice, the inbox, the runners; then links: writers close
 (END), readers drain to their END and close (CLOSED), every end is joined before the
 process group goes.
+
+A worker rank lost while the job runs need not end it (``runtime.rank_loss``): the
+server rank's hub decides, from the plan, whether the job goes on degraded or fails.
+When the job stops after a failure or a loss, the pages are closed with 1012 (service
+restart) and the reason, so they reconnect to the job torchrun restarts.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from runtime.control import stop_message
 from runtime.lifecycle import JobFailed, Lifecycle
 from runtime.live_view import LiveView
 from runtime.planner import Link, LinkKind, Plan
+from runtime.rank_loss import Hosting, Restarts
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +45,11 @@ FAILED_SHUTDOWN_S = 2.0
 
 
 class RankRuntime:
-    def __init__(self, config: JobConfig, plan: Plan, rank: int) -> None:
+    def __init__(self, config: JobConfig, plan: Plan, rank: int, restarts: Restarts = Restarts()) -> None:
         self.config = config
         self.plan = plan
+        self.restarts = restarts
+        """Whether torchrun restarts a failed job (``Restarts.from_environment``), for the pages."""
         self.part = compose(plan, rank, config)
         self.lifecycle = Lifecycle()
         self.live = LiveView(1, config.runtime)
@@ -64,7 +72,8 @@ class RankRuntime:
         # in-process links of this rank only.
         self.links = create_links([_spec(link) for link in self.plan.links
                                    if not link.local or link.src_rank == self.part.rank], self.config.transport)
-        self.pieces = pieces = assemble(self.part, self.config, self.links, self.live, self.lifecycle, self.health)
+        self.pieces = pieces = assemble(self.part, self.config, self.links, self.live, self.lifecycle, self.health,
+                                        hosting=Hosting.of(self.plan, self.config.pipeline), restarts=self.restarts)
         for side in (pieces.hub, pieces.client):
             if side is not None:
                 side.start()
@@ -140,7 +149,8 @@ class RankRuntime:
                  for a in self.plan.ranks]
         return {"ok": self.failure is None and all(r["alive"] for r in ranks),
                 "pipeline": self.plan.pipeline, "world_size": self.plan.world_size,
-                "revision": self.live.get().revision, "failure": self.failure, "ranks": ranks}
+                "revision": self.live.get().revision, "failure": self.failure,
+                "lost": list(self.lifecycle.losses), "ranks": ranks}
 
     # -- stopping --------------------------------------------------------------------
 
@@ -159,7 +169,7 @@ class RankRuntime:
 
     def _stop_pieces(self, pieces: RankPieces, deadline: float) -> None:
         if pieces.front is not None:
-            pieces.front.server.stop()
+            pieces.front.server.stop(restart_reason=self._restart_reason())
         if pieces.hub is not None:
             pieces.hub.broadcast(stop_message(self.lifecycle.reason, failed=self.failure is not None))
             if not pieces.hub.flush(max(0.1, deadline - time.monotonic())):
@@ -190,10 +200,26 @@ class RankRuntime:
             if not end.join(max(0.0, deadline - time.monotonic())):
                 log.debug("link %s: not finished by the shutdown deadline", end.name)
 
+    def _restart_reason(self) -> str | None:
+        """Why the pages should reconnect (they are closed with 1012), or None for a plain
+        stop (1001): the job ends because of a lost rank, after a failure, or while it
+        runs degraded (under torchrun, the stop that restarts the workers)."""
+        told = self.pieces.front.status.current() if self.pieces and self.pieces.front else None
+        if told is not None and told["state"] != "degraded":
+            return told["message"]  # what the pages were just told: the job ends for a lost rank
+        if self.failure is not None:
+            return "the job failed (its log says why); reconnect once it is restarted"
+        if told is not None:
+            return f"the job is stopping ({self.lifecycle.reason}) while degraded: {told['message']}"
+        return None
+
     def shutdown_budget(self) -> float:
-        """Seconds an orderly stop may take: shorter after a failure, when a peer may never answer."""
+        """Seconds an orderly stop may take: shorter after a failure or a lost rank, when a
+        peer may never answer."""
         budget = self.config.control.shutdown_timeout_s
-        return budget if self.failure is None else min(budget, FAILED_SHUTDOWN_S)
+        if self.failure is None and not self.lifecycle.degraded:
+            return budget
+        return min(budget, FAILED_SHUTDOWN_S)
 
 
 def _spec(link: Link) -> LinkSpec:

@@ -4,23 +4,23 @@
         -> gather up to ``max_batch`` messages (waiting ``batch_wait_ms`` at most)
         -> drop stale frames (captured before the latest live-config change)
         -> ``stage.process(batch)``
-        -> ``Router`` picks a downstream replica per output (``Outlet``s; credits = backpressure)
+        -> ``Router`` picks a downstream replica per output (``Outlet``s; credits = backpressure;
+           ``runtime.router``)
 
 A source stage (it accepts nothing) has no inputs: ``process([])`` is called again and
 again and paces itself. A sink (it emits nothing) has no router.
 
 A failing batch is logged, counted and reported to its sessions; it does not stop the
-stage. A broken link (``PeerFailure``) does: the rank reports it and shuts down.
+stage. Nor does a data link whose peer rank died: an inbound one (``PeerFailure``) just
+ends that input, as END would, and the router routes around an outbound one. (Losing
+the server rank is fatal, but that is the control plane's finding, not this loop's.)
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
-import zlib
-from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from comms.errors import ChannelClosed, ChannelTimeout, PeerFailure
@@ -29,13 +29,13 @@ from runtime.availability import StageAvailability
 from runtime.lifecycle import Lifecycle
 from runtime.live_view import LiveView
 from runtime.metrics import StageMetrics
-from runtime.pipeline_config import ROUTINGS
+from runtime.router import POLL_S, Fallback, Outlet, Placer, Router
 from stages.base import Stage
+
+__all__ = ["Fallback", "Inlet", "Outlet", "Placer", "Router", "StageRunner", "POLL_S", "SOURCE_IDLE_S"]
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.1
-"""How often a blocked loop looks at the stop flag; bounds shutdown latency."""
 SOURCE_IDLE_S = 0.01
 """A source that produced nothing is called again after this, not at once: a source that
 returns early must not spin a core."""
@@ -49,128 +49,6 @@ class Inlet(Protocol):
     name: str
 
     def recv(self, timeout: float | None = None) -> Message: ...
-
-
-class Outlet(Protocol):
-    """What a runner writes to: a link's sending end, or the front door's output sink.
-    ``send`` waits up to ``timeout`` for a credit (``ChannelTimeout``)."""
-
-    name: str
-
-    def send(self, msg: Message, timeout: float | None = None) -> None: ...
-
-    def credits(self) -> int: ...
-
-
-Placer = Callable[[str, list[int]], int]
-"""For ``affinity`` routing: (key, free credits per replica) -> the replica to send to."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Fallback:
-    """Where a router sends what the next stage cannot take (``StageSpec.fallback``)."""
-
-    outlets: list[Outlet]
-    """Links to the fallback stage's replicas."""
-    stage: str
-    """The next stage, whose availability decides."""
-    wait_s: float
-    """How long an output waits for a credit of the next stage before it is diverted."""
-    availability: StageAvailability
-
-
-class Router:
-    """Spreads one stage replica's outputs over the next stage's replicas.
-
-    ``round_robin`` takes turns, skipping replicas with no free credit; ``least_loaded``
-    picks the replica with the most free credits; ``session`` keeps each browser
-    session on one replica (for stages with per-session temporal state); ``affinity``
-    asks ``placer`` which replica holds the output's ``meta["affinity"]`` key (an avatar's
-    model, say), so a key's messages meet the replica that has its model loaded (messages
-    without a key, and diverted ones, fall back to ``session``).
-
-    With a ``Fallback``, an output goes to the fallback stage instead (same policy over
-    its replicas) when the next stage says it cannot serve, or when none of its
-    replicas had a credit free within ``wait_s``: the frame is served late-but-cheap
-    instead of queueing behind a saturated stage or being dropped by one that cannot
-    serve. Only the first frame of a saturation waits: until a credit of the next stage
-    is free again, the frames after it divert at once, so the stream keeps the
-    fallback's pace instead of one frame per ``wait_s``. Diversions are counted in
-    ``metrics`` by reason.
-    """
-
-    def __init__(self, outlets: list[Outlet], policy: str, stop: threading.Event, fallback: Fallback | None = None,
-                 metrics: StageMetrics | None = None, placer: Placer | None = None) -> None:
-        if not outlets:
-            raise ValueError("a router needs at least one downstream outlet")
-        if policy not in ROUTINGS:
-            raise ValueError(f"routing policy {policy!r}; allowed: {', '.join(ROUTINGS)}")
-        if fallback is not None and not fallback.outlets:
-            raise ValueError("a fallback needs at least one outlet")
-        if policy == "affinity" and placer is None:
-            raise ValueError("routing policy 'affinity' needs a placer (the next stage's directory)")
-        self.placer = placer
-        self.outlets = outlets
-        self.policy = policy
-        self.fallback = fallback
-        self.metrics = metrics
-        self._stop = stop
-        self._saturated = False
-        """The last output was diverted because the next stage had no credit."""
-        self._turns = {id(outlets): itertools.cycle(range(len(outlets)))}
-        if fallback is not None:
-            self._turns[id(fallback.outlets)] = itertools.cycle(range(len(fallback.outlets)))
-
-    def send(self, msg: Message) -> bool:
-        """Send to one replica (of the next stage, or of its fallback), waiting for credit;
-        False if stopping before it went."""
-        if self.fallback is None:
-            return self._send_to(self.outlets, msg, deadline=None)
-        if self.fallback.availability.reason(self.fallback.stage) is not None:
-            return self._divert(msg, "unavailable")
-        wait = 0.0 if self._saturated else self.fallback.wait_s  # still saturated: do not wait again
-        if self._send_to(self.outlets, msg, deadline=time.monotonic() + wait):
-            self._saturated = False
-            return True
-        self._saturated = True
-        return not self._stop.is_set() and self._divert(msg, "saturated")
-
-    def _divert(self, msg: Message, why: str) -> bool:
-        if self.metrics is not None:
-            self.metrics.count(f"diverted_{why}")
-        return self._send_to(self.fallback.outlets, msg, deadline=None)
-
-    def _send_to(self, outlets: list[Outlet], msg: Message, deadline: float | None) -> bool:
-        """Send to one of ``outlets``, waiting for credit until ``deadline`` (None: until
-        it goes or the job stops); False if it did not go."""
-        while not self._stop.is_set():
-            outlet = self._choose(outlets, msg)
-            wait = POLL_S if deadline is None else min(POLL_S, max(0.0, deadline - time.monotonic()))
-            try:
-                outlet.send(msg, timeout=wait)
-                return True
-            except ChannelTimeout:
-                # No credit yet: look at the stop flag and the deadline, maybe pick another replica.
-                if deadline is not None and time.monotonic() >= deadline:
-                    return False
-        return False
-
-    def _choose(self, outlets: list[Outlet], msg: Message) -> Outlet:
-        if len(outlets) == 1:
-            return outlets[0]
-        key = msg.meta.get("affinity") if self.policy == "affinity" and outlets is self.outlets else None
-        if key is not None:
-            return outlets[self.placer(str(key), [outlet.credits() for outlet in outlets])]
-        if self.policy in ("session", "affinity"):
-            return outlets[zlib.crc32(msg.session.encode()) % len(outlets)]
-        if self.policy == "least_loaded":
-            return max(outlets, key=lambda outlet: outlet.credits())
-        turn = self._turns[id(outlets)]
-        for _ in range(len(outlets)):
-            outlet = outlets[next(turn)]
-            if outlet.credits() > 0:
-                return outlet
-        return outlets[next(turn)]
 
 
 class StageRunner:
@@ -225,7 +103,7 @@ class StageRunner:
                 batch = self._gather()
                 if batch:
                     self._process(batch)
-        except PeerFailure as e:
+        except PeerFailure as e:  # not a data link's (those are handled where they happen)
             self.lifecycle.fail(f"stage {self.name}: {e}")
         except Exception as e:  # setup failure or a bug in the loop itself
             log.exception("stage %s failed", self.name)
@@ -267,10 +145,21 @@ class StageRunner:
         except ChannelTimeout:
             return None
         except ChannelClosed:  # the sender closed (END): this input is done
-            self.inputs.remove(inlet)
-            self._next_input = 0
+            self._end_input(inlet)
+            return None
+        except PeerFailure as e:  # the upstream replica's rank died: nothing more comes from it
+            if not self.stop.is_set():
+                log.warning("stage %s: input %s is lost (%s); reading the others", self.name, inlet.name, e)
+            self._end_input(inlet)
             return None
         return msg
+
+    def _end_input(self, inlet: Inlet) -> None:
+        self.inputs.remove(inlet)
+        self._next_input = 0
+        if not self.inputs and not self.stop.is_set():
+            log.info("stage %s: every input has ended; the stage stops (the rank runs on until the job stops)",
+                     self.name)
 
     def _gather(self) -> list[Message]:
         first = self._recv_one(POLL_S)

@@ -12,8 +12,9 @@ frames on the page emits ``OUTPUT_JPEG``.
 
 A pipeline takes one kind of input (``takes()``): the server refuses the other kind with
 ``unsupported_kind`` before any hook sees it. Hooks written before lip-sync (no ``takes``,
-``submit_audio``, ``select_avatar``, ``models``, ``model_action``) still work: the server
-treats them as a camera pipeline with no avatars and no models (``hook_or_none``).
+``submit_audio``, ``select_avatar``, ``models``, ``model_action``, ``job_status``) still
+work: the server treats them as a camera pipeline with no avatars and no models whose job
+never degrades (``hook_or_none``).
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ class PipelineHooks(Protocol):
     def health(self) -> dict[str, Any]:
         """``{"ok": bool, "ranks": [{"rank", "role", "node", "device", "alive", "last_seen_s"}]}``."""
 
+    def job_status(self) -> dict[str, Any] | None:
+        """The last ``status`` the sessions were sent (``{"state", "message", "lost"}``), for a
+        session that connects now; None while the job runs as planned. Optional."""
+
     def stats(self) -> dict[str, Any]:
         """FPS, latency percentiles per stage and hop, drops, per-rank liveness."""
 
@@ -122,6 +127,9 @@ class SessionSink(Protocol):
 
     def deliver_error(self, session: str, code: str, message: str) -> None:
         """An ``error`` message for one session (e.g. a frame that failed to decode)."""
+
+    def deliver_status(self, state: str, message: str, lost: list[dict[str, Any]]) -> None:
+        """A ``status`` message for every session: the job lost a rank (``protocol.status_message``)."""
 
 
 def hook_or_none(hooks: object, name: str) -> Callable[..., Any] | None:

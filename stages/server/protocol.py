@@ -42,8 +42,16 @@ Text messages are JSON objects ``{"type": ..., "payload": {...}}``. From the pag
 to this session only, or an ``unknown_avatar`` error). From the server: ``config.current``
 (to every session on each change; for a lip-sync pipeline it also holds ``avatars``, the
 ids a session may select, ``avatar``, the one this session shows, and ``registry``),
-``vision``, ``stats`` and ``error`` (``{"code", "message"}``, plus ``chunk_id`` when an
-audio chunk was refused; ``rate_limited`` says how many messages were dropped unread).
+``vision``, ``stats``, ``error`` (``{"code", "message"}``, plus ``chunk_id`` when an
+audio chunk was refused; ``rate_limited`` says how many messages were dropped unread) and
+``status`` (``{"state", "message", "lost"}``: the job lost a rank and goes on
+``degraded``, or is ``restarting`` or ``stopping`` because of it; sent to every session
+when it happens and to a session that connects while the job is degraded).
+
+Close codes the server uses: 1001 (going away: the job stopped), 1008 (a page that stopped
+reading), 1009 (a message too big), 1011 (internal error), 1012 (service restart: the job
+ended after losing a rank or failing; the reason says why and the page should reconnect),
+1013 (too many sessions; try again later).
 
 Every rule broken by a peer raises ``ProtocolError`` with a stable ``code`` the page can
 act on and a ``message`` a person can read.
@@ -251,7 +259,23 @@ CONFIG_CURRENT = "config.current"
 VISION = "vision"
 STATS = "stats"
 ERROR = "error"
-SERVER_TYPES = (CONFIG_CURRENT, VISION, STATS, ERROR)
+STATUS = "status"
+SERVER_TYPES = (CONFIG_CURRENT, VISION, STATS, ERROR, STATUS)
+
+
+class JobState(StrEnum):
+    """The ``state`` of a ``status`` message: what a lost rank means for the job."""
+
+    DEGRADED = "degraded"
+    """It goes on without the rank: other replicas, or a stage's fallback, serve its frames."""
+    RESTARTING = "restarting"
+    """It ends now and torchrun will restart it: the page should reconnect."""
+    STOPPING = "stopping"
+    """It ends now and nothing restarts it."""
+
+
+CLOSE_REASON_BYTES = 123
+"""A close frame's reason is at most 123 bytes of UTF-8 (RFC 6455, 5.5.1)."""
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -333,6 +357,24 @@ def describe_exception(e: BaseException, limit: int = 300) -> str:
     """``Type: message`` of an exception, cut to ``limit`` characters, for an ``internal`` error."""
     text = f"{type(e).__name__}: {e}"
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def status_message(state: JobState | str, message: str, lost: list[dict[str, Any]]) -> str:
+    """A ``status``: the job's ``state`` (a ``JobState``), ``message`` for a person, and every
+    rank lost so far as ``{"rank", "role", "cause"}`` (cause 'died', 'stalled' or 'failed')."""
+    state = JobState(state)  # ValueError for a state the page would not know
+    return encode_message(STATUS, {"state": str(state), "message": message,
+                                   "lost": [{"rank": int(e["rank"]), "role": str(e["role"]), "cause": str(e["cause"])}
+                                            for e in lost]})
+
+
+def close_reason(text: str) -> str:
+    """``text`` cut to what a close frame can carry (``CLOSE_REASON_BYTES`` of UTF-8, whole
+    characters, an ellipsis where cut)."""
+    data = text.encode()
+    if len(data) <= CLOSE_REASON_BYTES:
+        return text
+    return data[:CLOSE_REASON_BYTES - 3].decode(errors="ignore") + "..."
 
 
 def vision_message(frame_id: int, vision: dict[str, Any]) -> str:

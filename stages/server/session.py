@@ -9,14 +9,18 @@ unbounded backlog, nor fall ever further behind live:
 
 - output frames (a ``vision`` text and its kind-3 binary, always sent together): at most
   ``session_out_queue`` wait; a new one pushes out the oldest waiting one;
-- ``stats`` and ``config.current``: only the newest matters, so a new one replaces any
-  waiting one;
+- ``stats``, ``config.current`` and ``status``: only the newest matters, so a new one
+  replaces any waiting one (a ``status`` lists every rank lost so far);
 - ``error``: at most ``session_error_queue`` wait; the oldest go first.
 
 Bounded queues cap what rank 0 holds for a page that stops reading, but not how long it
 holds it: the sender then waits on a full socket forever (and so would the library's
 keepalive pings, queued behind it). ``stalled_s`` says how long the current send has
 waited, so the server can close such a session after ``slow_reader_close_s``.
+
+``finish`` closes a session with a code and reason of the server's choosing (1012 when
+the job restarts) after what matters is sent: waiting frames and stats are dropped, but a
+``status`` or ``error`` still waiting goes out first, so the page learns why.
 
 A session also holds its inbound message rate limit and, for a lip-sync pipeline, its
 avatar selection and audio rate limit.
@@ -48,6 +52,7 @@ class Out(Enum):
     STATS = "stats"
     CONFIG = "config"
     ERROR = "error"
+    STATUS = "status"
 
 
 @dataclass(slots=True)
@@ -101,11 +106,13 @@ class Session:
     """When the send in progress began; None between sends."""
     closing_reason: str | None = None
     """Set when the server decided to close this session itself (e.g. a slow reader)."""
+    _final: bool = False
+    """``finish`` is under way: frames and stats are no longer taken."""
 
     # --- queueing (event loop only) ---
 
     def push_frame(self, vision_text: str, frame: bytes) -> None:
-        if self._closed:
+        if self._closed or self._final:
             return
         if self._count(Out.FRAME) >= self.max_frames:
             self._drop_oldest(Out.FRAME)
@@ -114,10 +121,14 @@ class Session:
         self._push(_Entry(Out.FRAME, (vision_text, frame)))
 
     def push_stats(self, text: str) -> None:
-        self._replace(Out.STATS, text)
+        if not self._final:
+            self._replace(Out.STATS, text)
 
     def push_config(self, text: str) -> None:
         self._replace(Out.CONFIG, text)
+
+    def push_status(self, text: str) -> None:
+        self._replace(Out.STATUS, text)
 
     def push_error(self, code: str, text: str) -> None:
         if self._closed:
@@ -157,6 +168,18 @@ class Session:
         self._closed = True
         self._pending.clear()
         self._wakeup.set()
+
+    async def finish(self, code: int, reason: str, flush_s: float) -> None:
+        """Close the connection with ``code`` and ``reason`` once the waiting ``status``,
+        ``error`` and ``config.current`` messages went out (``flush_s`` at most); frames and
+        stats still waiting are dropped, and no more are taken."""
+        self._final = True
+        self._pending = deque(e for e in self._pending if e.kind not in (Out.FRAME, Out.STATS))
+        deadline = time.monotonic() + flush_s
+        while (self._pending or self._send_started is not None) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        self.closing_reason = reason
+        await self.connection.close(code, reason)
 
     # --- sending ---
 

@@ -1,4 +1,4 @@
-"""``SessionWatch``: the server's periodic work over all sessions, on its event loop.
+"""``SessionWatch``: the server's work over all sessions at once, on its event loop.
 
 Two ticks, each a task of the server:
 
@@ -12,6 +12,10 @@ Two ticks, each a task of the server:
   A session whose current send has waited ``slow_reader_close_s`` is closed with 1008 and
   a reason. Its close frame waits behind the data the page did not read, so if the page
   has not taken it within ``close_timeout_s`` the connection is cut outright.
+
+And the job's word to every page: a ``status`` when it lost a rank (to every session,
+and to one that connects later while the job is degraded), and, when the job ends for
+it, a 1012 close (service restart) with the reason, after that ``status`` went out.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.frames import CloseCode
 
 from stages.server import protocol
-from stages.server.hooks import PipelineHooks
+from stages.server.hooks import PipelineHooks, hook_or_none
 from stages.server.limits import LimitMetrics
 from stages.server.session import Session
 
@@ -98,6 +102,35 @@ class SessionWatch:
                                    self._close_timeout_s)
         except TimeoutError:
             session.connection.transport.abort()
+
+
+    def push_status_all(self, text: str) -> None:
+        for session in self._sessions.values():
+            session.push_status(text)
+
+    def push_job_status(self, session: Session) -> None:
+        """A session that connects while the job is degraded hears it at once."""
+        current = hook_or_none(self._hooks, "job_status")
+        try:
+            status = current() if current is not None else None
+            if status is not None:
+                session.push_status(protocol.status_message(status["state"], status["message"], status["lost"]))
+        except Exception:
+            log.exception("job_status() failed for session %s", session.id)
+
+    async def close_for_restart(self, reason: str, timeout_s: float) -> None:
+        """Every session closed with 1012 (service restart) and ``reason``, each after its
+        waiting ``status`` went out; within ``timeout_s``, so a page that stopped reading
+        cannot hold up the stop (the server's own close then cuts it)."""
+        closing = [session.finish(CloseCode.SERVICE_RESTART, protocol.close_reason(reason), flush_s=timeout_s / 2)
+                   for session in list(self._sessions.values())]
+        if not closing:
+            return
+        log.info("closing %d session(s) with 1012 (service restart): %s", len(closing), reason)
+        try:
+            await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), timeout_s)
+        except TimeoutError:
+            log.warning("sessions did not take their 1012 close in time")
 
 
 def write_buffer(connection: ServerConnection) -> int:

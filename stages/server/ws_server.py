@@ -26,6 +26,12 @@ handshake; and a page that stops reading, which TCP backpressure already keeps f
 costing more than its bounded queues, is closed with 1008 once nothing could be sent to
 it for ``slow_reader_close_s``. Who may connect is ``access``'s business (origins, token,
 TLS).
+
+When the job loses a rank the runtime sends every session a ``status`` (``deliver_status``),
+and a session that connects later gets the last one too (``PipelineHooks.job_status``).
+``stop(restart_reason=...)`` closes the sessions with 1012 (service restart) and that
+reason, after their waiting ``status`` went out, instead of 1001: the job ended because of
+a lost rank or a failure, and the page should reconnect to the restarted job.
 """
 
 from __future__ import annotations
@@ -85,6 +91,7 @@ class WebServer:
         self._startup_error: BaseException | None = None
         self._stop_requested: asyncio.Event | None = None
         self._stopping = False
+        self._restart_reason: str | None = None
         self._port: int | None = None
         self._watch = SessionWatch(self._sessions, hooks, self._limits, close_timeout_s=config.close_timeout_s,
                                    stats_interval_s=config.stats_interval_s)
@@ -103,11 +110,13 @@ class WebServer:
             self._thread.join(self.config.stop_timeout_s)
             raise self._startup_error  # e.g. the port is taken
 
-    def stop(self) -> None:
-        """Close all sessions (1001 going away) and the socket; idempotent."""
+    def stop(self, restart_reason: str | None = None) -> None:
+        """Close all sessions and the socket; idempotent. Sessions are closed with 1001
+        (going away), or with 1012 (service restart) and ``restart_reason`` when given."""
         thread, loop = self._thread, self._loop
         if thread is None or self._stopping:
             return
+        self._restart_reason = restart_reason
         self._stopping = True
         if loop is not None and self._stop_requested is not None:
             try:
@@ -134,9 +143,13 @@ class WebServer:
     @property
     def url(self) -> str:
         """The page's address, e.g. ``http://127.0.0.1:8765/`` (``https`` with TLS)."""
+        import socket  # here, not at the top: this property is the only user
+
         host = self.config.host
         if host in ("0.0.0.0", "::"):
-            host = "127.0.0.1"  # a wildcard bind is reachable on loopback
+            # A wildcard bind is for browsers on other machines (e.g. a cluster's head node
+            # serving a laptop): name this machine, which they can reach and loopback is not.
+            host = socket.gethostname()
         if ":" in host:
             host = f"[{host}]"
         return f"{'https' if self._ssl is not None else 'http'}://{host}:{self.port}/"
@@ -183,6 +196,14 @@ class WebServer:
 
     def deliver_error(self, session: str, code: str, message: str) -> None:
         self._call_soon(self._route_error, session, code, protocol.error_message(code, message))
+
+    def deliver_status(self, state: str, message: str, lost: list[dict[str, Any]]) -> None:
+        try:
+            text = protocol.status_message(state, message, lost)
+        except (TypeError, ValueError, KeyError):
+            log.exception("cannot encode a status message (%r)", state)
+            return
+        self._call_soon(self._watch.push_status_all, text)
 
     def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
         loop = self._loop
@@ -248,10 +269,13 @@ class WebServer:
         finally:
             for task in tasks:
                 task.cancel()
+            # Leave a margin of stop_timeout_s for the thread to cancel what is left.
+            closed_by = asyncio.get_running_loop().time() + self.config.stop_timeout_s * 0.8
+            if self._restart_reason is not None:
+                await self._watch.close_for_restart(self._restart_reason, timeout_s=self.config.stop_timeout_s * 0.2)
             server.close(close_connections=True)
             try:
-                # Leave a margin of stop_timeout_s for the thread to cancel what is left.
-                await asyncio.wait_for(server.wait_closed(), self.config.stop_timeout_s * 0.8)
+                await asyncio.wait_for(server.wait_closed(), max(0.1, closed_by - asyncio.get_running_loop().time()))
             except TimeoutError:
                 log.warning("sessions did not close in time; abandoning them")
             log.info("web server stopped")
@@ -286,6 +310,7 @@ class WebServer:
         log.info("session %s opened from %s", session.id, connection.remote_address)
         sender = asyncio.create_task(session.run_sender(), name=f"mm-send-{session.id}")
         session.push_config(config_text)
+        self._watch.push_job_status(session)
         try:
             async for message in connection:
                 if session.message_limit is None or session.message_limit.admit():

@@ -79,3 +79,47 @@ class RankProcesses:
                 p.send_signal(signal.SIGCONT)
                 p.kill()
                 p.wait(5)
+
+
+def _children(parent: int) -> dict[int, list[bytes]]:
+    """The processes whose parent is ``parent``: pid -> their environment entries."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+            found[int(entry.name)] = environ
+    return found
+
+
+def worker_pid(agent: int, rank: int, timeout: float = 10.0) -> int:
+    """The pid of torchrun worker ``rank`` (a child of the agent whose environment says RANK)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid, environ in _children(agent).items():
+            if f"RANK={rank}".encode() in environ:
+                return pid
+        time.sleep(0.1)
+    raise AssertionError(f"no worker with RANK={rank} under torchrun pid {agent}")
+
+
+def kill_torchrun(proc: subprocess.Popen) -> None:
+    """SIGKILL a torchrun started with ``start_new_session`` and every worker it runs. Its
+    workers have sessions of their own (torch's subprocess handler starts them so), so
+    killing torchrun's process group alone would leave them running, orphaned."""
+    if proc.poll() is not None:
+        return
+    workers = _children(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in workers:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(10)
+

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.integration.processes import LAUNCHER, REPO, URL, free_port
+from tests.integration.processes import LAUNCHER, REPO, URL, free_port, kill_torchrun
 from tests.integration.test_distributed import stream_and_collect
 from tests.integration.test_single_process import check_stream
 
@@ -40,9 +40,7 @@ def torchrun_job(tmp_path):
             time.sleep(0.2)
         yield proc, log_path, int(match.group(2))
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        kill_torchrun(proc)
 
 
 def test_torchrun_three_ranks_serve_a_session_and_stop_on_sigterm(tmp_path):
@@ -103,6 +101,4 @@ def test_torchrun_two_nodes_with_c10d_rendezvous(tmp_path):
         assert text.count("INFO runtime.rank_runtime: stopped") == 4, text[-3000:]
     finally:
         for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(10)
+            kill_torchrun(p)

@@ -5,7 +5,6 @@ Needs root and iproute2 (``ip netns``); skipped otherwise. The browser side stay
 host A's loopback, as it would on a head node.
 """
 
-import os
 import random
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import time
 import pytest
 
 from runtime.bench.virtual_hosts import VirtualHostsUnavailable, unavailable_reason, veth_pair
-from tests.integration.processes import LAUNCHER, REPO, URL
+from tests.integration.processes import LAUNCHER, REPO, URL, kill_torchrun
 from tests.integration.test_torchrun import torchrun_command
 
 pytestmark = [
@@ -71,9 +70,7 @@ def test_mirror_across_two_hosts(two_hosts, tmp_path):
         assert "job failed" not in text
     finally:
         for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(10)
+            kill_torchrun(p)
 
 
 CLIENT = """

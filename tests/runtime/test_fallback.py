@@ -202,3 +202,19 @@ def test_the_hub_merges_ranks_and_says_when_to_broadcast():
     worker.set_remote(broadcast.meta["unavailable"])
     worker.set_local("light", "warming up")
     assert worker.reason("heavy") == "no model" and worker.local() == {"light": "warming up"}
+
+
+def test_lost_replicas_and_stages_travel_with_the_reasons():
+    hub = StageAvailability()
+    hub.merge_rank(2, {"heavy": "warming up"})
+    assert hub.mark_lost(2, ["heavy#0"], {"heavy": "rank 2 (heavy) was lost"}) is True
+    assert hub.mark_lost(2, ["heavy#0"], {"heavy": "rank 2 (heavy) was lost"}) is False  # nothing new
+    assert hub.reason("heavy") == "rank 2 (heavy) was lost"  # not what the lost rank last said
+    hub.merge_rank(3, {"light": "busy"})
+    assert hub.message().meta == {"op": AVAILABILITY_OP, "lost": ["heavy#0"],
+                                  "unavailable": {"heavy": "rank 2 (heavy) was lost", "light": "busy"}}
+    worker = StageAvailability()
+    worker.set_remote(hub.message().meta["unavailable"], hub.message().meta["lost"])
+    assert worker.is_lost("heavy#0") and not worker.is_lost("heavy#1") and worker.lost() == {"heavy#0"}
+    worker.set_remote({})  # a later broadcast without lost replicas: none are
+    assert not worker.is_lost("heavy#0")

@@ -11,6 +11,7 @@ import { carryToken } from "./access.js";
 import { Capture } from "./capture.js";
 import { Connection } from "./connection.js";
 import { FrameVisions } from "./frame_visions.js";
+import { JobBanner, statusModel, statusNote } from "./job_status.js";
 import { JobView } from "./job_view.js";
 import { LatencyCard } from "./latency_card.js";
 import { mediaProblem, showMediaProblem } from "./media_access.js";
@@ -30,6 +31,7 @@ const ui = {
   latency: $("latency"), latencyWindow: $("latency-window"),
   revision: $("revision"), form: $("config-form"), presets: $("presets"), sessionCount: $("session-count"),
   stats: $("stats"), job: $("job"), mediaProblem: $("media-problem"), messages: $("messages"),
+  jobStatus: $("job-status"),
 };
 
 const MAX_BUFFERED_BYTES = 1 << 20;  // past this the socket is backed up: skip frames
@@ -45,6 +47,7 @@ const latency = new LatencyCard(
   ]);
 const notes = new Notes(ui.messages, MAX_MESSAGES);
 const job = new JobView(ui.job);
+const jobBanner = new JobBanner(ui.jobStatus);
 let lastVision = null;               // newest `vision` message: the camera's face boxes
 let lastLabels = [];
 let shownVision = null;              // the `vision` of the portrait on screen
@@ -73,8 +76,13 @@ const connection = new Connection(ui.connection, {
       showSessions(payload.server?.sessions);
     },
     error: (payload) => note("error", `${payload.code}: ${payload.message}`),
+    status: (payload) => {  // the job lost a rank: it goes on degraded, or restarts
+      jobBanner.show(payload);
+      note(statusModel(payload).level === "warn" ? "info" : "error", statusNote(payload));
+    },
   },
   onFrame,
+  onOpen: () => jobBanner.clear(),  // a new session: a job still degraded says so again
   onClose: () => {
     capture.reset();
     lastVision = null;
@@ -159,7 +167,7 @@ window.mindMirror = Object.freeze({
     fps: latency.fps.value(), g2g: latency.summary(), split_p50_ms: latency.partsP50(),
     histogram: { ...latency.chart.last }, generator: shownVision?.generator ?? null,
     style: shownVision?.style ?? null, faces: lastVision?.faces?.length ?? 0, labels: lastLabels,
-    job: job.snapshot(), camera: cameraProblem ? "unavailable" : "asked",
+    job: job.snapshot(), camera: cameraProblem ? "unavailable" : "asked", jobStatus: jobBanner.state,
   }),
   /** Forget latency samples and painted frames, e.g. after a warm-up. */
   resetMeters: () => latency.clear(),

@@ -2,22 +2,28 @@
 //
 // It reconnects with exponential backoff and shows its state in the header's pill:
 // "connecting…", "reconnecting in 1.2 s", and "live" once the server's `config.current`
-// says the session is up. Text messages go to the page's handler for their `type`;
-// binary ones are decoded, and output frames go to `onFrame` stamped with `receivedTs`.
+// says the session is up. After a 1012 close (the server's job is restarting) it tries
+// every second for the first 20 tries, so the page is back within about a second of the
+// restarted job serving; then it backs off as usual. Text messages go to the page's
+// handler for their `type`; binary ones are decoded, and output frames go to `onFrame`
+// stamped with `receivedTs`.
 // A server that wants a token gets the one in the page's address (access.js).
 
 import { TOKEN, authFetch, socketUrl } from "./access.js";
 import { Kind, decodeFrame, message, nowMs } from "./wire.js";
 
-export const BACKOFF_MS = { first: 500, max: 8000 };
+export const BACKOFF_MS = { first: 500, max: 8000, restarting: 1000, restartingTries: 20 };
+const SERVICE_RESTART = 1012;
 const CLOSE_REASONS = {
   1001: "server going away", 1006: "server unreachable", 1008: "refused by the server", 1009: "message too big",
-  1011: "server error", 1013: "server full, try again later",
+  1011: "server error", 1012: "server restarting", 1013: "server full, try again later",
 };
 
-/** Milliseconds to wait before reconnect `attempt` (0, 1, ...): doubling up to a cap, ±25%. */
-export function reconnectDelay(attempt, random = Math.random()) {
-  return Math.min(BACKOFF_MS.max, BACKOFF_MS.first * 2 ** attempt) * (0.75 + random / 2);
+/** Milliseconds to wait before reconnect `attempt` (0, 1, ...): doubling up to a cap, ±25%.
+ *  `restarting` (a close was 1012): a low cap for the first tries, as the server is expected back soon. */
+export function reconnectDelay(attempt, random = Math.random(), restarting = false) {
+  const cap = restarting && attempt < BACKOFF_MS.restartingTries ? BACKOFF_MS.restarting : BACKOFF_MS.max;
+  return Math.min(cap, BACKOFF_MS.first * 2 ** attempt) * (0.75 + random / 2);
 }
 
 /** Why the server refused the socket, for a person: `status` is what GET /ws with the
@@ -52,6 +58,7 @@ export class Connection {
     this.onClose = onClose;
     this.socket = null;
     this.attempt = 0;  // reconnects since the last session that went live
+    this.restarting = false;  // closed with 1012 since the last session that went live
   }
 
   connect() {
@@ -70,7 +77,8 @@ export class Connection {
     };
     socket.onclose = (event) => {
       this.onClose();
-      const delay = reconnectDelay(this.attempt);
+      if (event.code === SERVICE_RESTART) this.restarting = true;
+      const delay = reconnectDelay(this.attempt, Math.random(), this.restarting);
       this.attempt += 1;
       this.#show(`reconnecting in ${(delay / 1000).toFixed(1)} s`, "down");
       this.note("info", closeText(event));
@@ -117,6 +125,7 @@ export class Connection {
   #onText({ type, payload }) {
     if (type === "config.current") {  // the server's word that this session is up
       this.attempt = 0;
+      this.restarting = false;
       this.#show("live", "ok");
     }
     const handler = this.messages.get(type);

@@ -29,6 +29,7 @@ import { LATENCY_WINDOW, LatencyCard, ms } from "./latency_card.js";
 import { mediaProblem, showMediaProblem } from "./media_access.js";
 import { RollingPercentiles } from "./meters.js";
 import { ModelsCard } from "./models_view.js";
+import { JobBanner, statusModel, statusNote } from "./job_status.js";
 import { Notes } from "./notes.js";
 import { format, renderStats } from "./stats_view.js";
 import { Kind, encodeFrame } from "./wire.js";
@@ -43,7 +44,7 @@ const ui = {
   av: { offset: $("av-offset"), abs90: $("av-abs90"), late: $("late"), skipped: $("skipped"),
     rebases: $("rebases"), chunks: $("chunks") },
   latency: $("latency"), latencyWindow: $("latency-window"), stats: $("stats"), job: $("job"),
-  mediaProblem: $("media-problem"), models: $("models"), messages: $("messages"),
+  mediaProblem: $("media-problem"), models: $("models"), messages: $("messages"), jobStatus: $("job-status"),
 };
 
 const latency = new LatencyCard(
@@ -55,6 +56,7 @@ const latency = new LatencyCard(
 const avOffset = new RollingPercentiles(LATENCY_WINDOW);
 const notes = new Notes(ui.messages);
 const job = new JobView(ui.job);
+const jobBanner = new JobBanner(ui.jobStatus);
 const micProblem = mediaProblem("microphone");  // null where the page may ask for the microphone
 const store = new PcmStore();
 const models = new ModelsCard(ui.models, (level, text) => note(level, text));
@@ -83,9 +85,14 @@ const connection = new Connection(ui.connection, {
       renderStats(ui.stats, rest);
     },
     error: onError,
+    status: (payload) => {  // the job lost a rank: it goes on degraded, or restarts
+      jobBanner.show(payload);
+      note(statusModel(payload).level === "warn" ? "info" : "error", statusNote(payload));
+    },
   },
   onFrame: (frame) => player.show(frame),
   onOpen: () => {
+    jobBanner.clear();  // a job still degraded says so again at once
     // A new session: its chunk ids, sample numbers and frame ids start at 0.
     nextChunk = 0;
     store.reset();
@@ -327,7 +334,7 @@ window.mindMirrorLipSync = Object.freeze({
     fps: latency.fps.value(), e2e: latency.summary(), av: avFigures(), sent: { ...sent, seconds: sent.samples / 16000 },
     stored_samples: store.length, player: { ...player.counts }, chunk_samples: CHUNK_SAMPLES,
     lipsync: lastLipsync, audio: audio ? audio.ctx.state : "none", source: ui.sourceStatus.textContent,
-    job: job.snapshot(), microphone: micProblem ? "unavailable" : "allowed",
+    job: job.snapshot(), microphone: micProblem ? "unavailable" : "allowed", jobStatus: jobBanner.state,
   }),
 });
 

@@ -201,3 +201,43 @@ def test_page_takes_vision_from_older_servers(server, hooks):
     texts = [label["text"] for label in facts["snapshot"]["labels"]]
     assert sorted(texts) == ["happy 80%", "neutral 60%"]  # no face is marked primary
     assert facts["scrollWidth"] <= WIDTH
+
+
+async def watch_a_lost_rank(url: str, port: int, server) -> dict:
+    """The page before and after a ``status`` (degraded), then after a 1012 close."""
+    page = await Page.attach(port)
+    try:
+        await page.call("Page.navigate", url=url)
+        await page.wait_for("window.mindMirror && window.mindMirror.snapshot().painted >= 3", timeout_s=45,
+                            what="3 painted frames")
+        server.deliver_status("degraded", "rank 3 (generator) died; its 'generator' frames go to rank 2",
+                              [{"rank": 3, "role": "generator", "cause": "died"}])
+        await page.wait_for("!document.getElementById('job-status').hidden", timeout_s=10, what="the banner")
+        painted = await page.evaluate("window.mindMirror.snapshot().painted")
+        await page.wait_for(f"window.mindMirror.snapshot().painted >= {painted + 3}", timeout_s=10,
+                            what="frames after the status")
+        facts = {"banner": await page.evaluate("document.getElementById('job-status').textContent"),
+                 "bannerClass": await page.evaluate("document.getElementById('job-status').className"),
+                 "degraded": await page.evaluate("window.mindMirror.snapshot()")}
+        server.stop(restart_reason="rank 2 (generator) died; the job is restarting")
+        await page.wait_for("document.getElementById('connection').textContent.startsWith('reconnecting')",
+                            timeout_s=10, what="the page reconnecting")
+        facts["notes"] = await page.evaluate("[...document.querySelectorAll('#messages li')].map((li) => li.textContent)")
+        facts["problems"] = list(page.problems)
+        return facts
+    finally:
+        await page.close()
+
+
+@pytest.mark.timeout(120)
+def test_page_shows_a_lost_rank_keeps_its_session_and_reconnects_after_a_restart(server, hooks):
+    with Chromium(CHROMIUM, width=WIDTH, height=HEIGHT) as browser:
+        facts = asyncio.run(watch_a_lost_rank(server.url, browser.port, server))
+    assert facts["banner"] == "Running degraded: rank 3 (generator) died; its 'generator' frames go to rank 2"
+    assert "job-warn" in facts["bannerClass"]
+    assert facts["degraded"]["connection"] == "live" and facts["degraded"]["jobStatus"] == "degraded"
+    notes = facts["notes"]
+    assert any("degraded: rank 3 (generator) died" in n for n in notes), notes
+    assert any("disconnected: server restarting (1012 rank 2 (generator) died; the job is restarting)" in n
+               for n in notes), notes
+    assert facts["problems"] == []

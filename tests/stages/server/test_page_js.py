@@ -143,6 +143,30 @@ def test_reconnects_back_off_doubling_to_a_cap_and_say_why(tmp_path):
                      "disconnected: server full, try again later (1013 busy)", "disconnected: closed (4000)"]
 
 
+def test_after_a_1012_close_the_page_tries_every_second_for_a_while(tmp_path):
+    [delays, note] = run(tmp_path, """
+        import { reconnectDelay, closeText } from "./connection.js";
+        console.log(JSON.stringify([0, 1, 2, 3, 19, 20, 21].map((n) => reconnectDelay(n, 0.5, true))));
+        console.log(JSON.stringify(closeText({ code: 1012, reason: "rank 2 (generator) died" })));
+    """)
+    assert delays == [500, 1000, 1000, 1000, 1000, 8000, 8000]  # then the usual backoff
+    assert note == "disconnected: server restarting (1012 rank 2 (generator) died)"
+
+
+def test_a_status_becomes_a_banner_and_a_note(tmp_path):
+    [degraded, restarting, note] = run(tmp_path, """
+        import { statusModel, statusNote } from "./job_status.js";
+        const lost = [{ rank: 3, role: "generator", cause: "died" }];
+        console.log(JSON.stringify(statusModel({ state: "degraded", message: "rank 3 (generator) died; its 'generator' frames go to rank 2", lost })));
+        console.log(JSON.stringify(statusModel({ state: "restarting", message: "m", lost: [] })));
+        console.log(JSON.stringify(statusNote({ state: "degraded", message: "m" })));
+    """)
+    assert degraded == {"headline": "Running degraded", "text": "rank 3 (generator) died; its 'generator' frames go "
+                        "to rank 2", "lost": ["rank 3 (generator) died"], "level": "warn"}
+    assert restarting == {"headline": "Restarting", "text": "m", "lost": [], "level": "bad"}
+    assert note == "degraded: m"
+
+
 def test_frame_visions_are_taken_when_their_frame_is_painted(tmp_path):
     [out] = run(tmp_path, """
         import { FrameVisions } from "./frame_visions.js";

@@ -9,13 +9,16 @@ import pytest
 from mm_client import FIXTURE_JPEG, sof_only_jpeg
 
 from stages.server.protocol import (
+    CLOSE_REASON_BYTES,
     HEADER_SIZE,
     SAMPLES_PER_VIDEO_FRAME,
     BinaryFrame,
     ErrorCode,
+    JobState,
     Kind,
     ProtocolError,
     check_avatar_id,
+    close_reason,
     decode_audio_chunk,
     decode_camera_frame,
     decode_client_message,
@@ -25,6 +28,7 @@ from stages.server.protocol import (
     error_message,
     frame_samples,
     probe_jpeg,
+    status_message,
     vision_message,
 )
 
@@ -214,6 +218,36 @@ def test_probe_refusals(data, code):
 def test_server_message_golden_text():
     assert error_message(ErrorCode.BAD_MAGIC, "x") == '{"type":"error","payload":{"code":"bad_magic","message":"x"}}'
     assert vision_message(5, {"faces": [], "frame_id": 99}) == '{"type":"vision","payload":{"faces":[],"frame_id":5}}'
+
+
+GOLDEN_STATUS = ('{"type":"status","payload":{"state":"degraded","message":"rank 3 (generator) died; its '
+                 '\'generator\' frames go to rank 2","lost":[{"rank":3,"role":"generator","cause":"died"}]}}')
+
+
+def test_status_golden_text_round_trip():
+    lost = [{"rank": 3, "role": "generator", "cause": "died"}]
+    text = status_message(JobState.DEGRADED, "rank 3 (generator) died; its 'generator' frames go to rank 2", lost)
+    assert text == GOLDEN_STATUS
+    payload = json.loads(GOLDEN_STATUS)["payload"]
+    assert status_message(payload["state"], payload["message"], payload["lost"]) == GOLDEN_STATUS
+    assert {s.value for s in JobState} == {"degraded", "restarting", "stopping"}
+
+
+def test_status_keeps_only_the_documented_keys_and_states():
+    lost = [{"rank": 2, "role": "generator", "cause": "stalled", "secret": "x"}]
+    assert status_message("stopping", "m", lost) == (
+        '{"type":"status","payload":{"state":"stopping","message":"m",'
+        '"lost":[{"rank":2,"role":"generator","cause":"stalled"}]}}')
+    with pytest.raises(ValueError):
+        status_message("ok-ish", "m", [])
+
+
+def test_a_close_reason_fits_a_close_frame_in_whole_characters():
+    assert close_reason("short") == "short"
+    exact = "x" * CLOSE_REASON_BYTES
+    assert close_reason(exact) == exact
+    cut = close_reason("é" * 100)  # 200 bytes of UTF-8
+    assert len(cut.encode()) <= CLOSE_REASON_BYTES and cut.endswith("...") and cut[:-3] == "é" * 60
 
 
 def test_error_naming_a_chunk_golden_text():
