@@ -166,7 +166,8 @@ class PipelineJob:
         if self.exit is not None:
             return self.exit
         started = time.monotonic()
-        for pid in self._rank_pids():
+        ranks = self._rank_pids()
+        for pid in ranks:
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -176,7 +177,7 @@ class PipelineJob:
             self._proc.wait(self.stop_timeout_s)
         except subprocess.TimeoutExpired:
             killed = True
-        killed = self._finish_group(force=killed) or killed
+        killed = self._finish_group(ranks, force=killed) or killed
         self.stop_s = time.monotonic() - started
         text = self.log_text()
         clean = (not killed and self._proc.returncode == 0 and text.count(STOPPED) == self.world_size
@@ -196,9 +197,17 @@ class PipelineJob:
         except psutil.NoSuchProcess:
             return []
 
-    def _finish_group(self, force: bool = False) -> bool:
-        """Kill what is left of the job's process group (everything when ``force``, else
-        only survivors once the launcher has exited); True if anything had to be killed."""
+    def _finish_group(self, ranks: list[int], force: bool = False) -> bool:
+        """Kill what is left of the job (everything when ``force``, else only survivors
+        once the launcher has exited); True if anything had to be killed. torchrun starts
+        each rank in a session of its own, so ``ranks``' groups go too, or a rank would
+        outlive the killed agent."""
+        if force:
+            for pid in ranks:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         try:
             os.killpg(self._proc.pid, 0)  # raises if no process of the group is left
         except ProcessLookupError:

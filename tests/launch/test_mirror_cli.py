@@ -31,7 +31,7 @@ def test_dry_run_shows_control_links_and_each_links_transport_and_backend():
                  "--gpus-per-node", "4")
     out = result.stdout
     assert "links (31: 17 data, 7 control, 7 status):" in out
-    assert re.search(r"^  control\s+control:0->5\s+0 -> 5\s+cpu -> cpu\s+torch \(gloo\)$", out, re.M)
+    assert re.search(r"^  control\s+control:0->5\s+0 -> 5\s+cpu -> cpu\s+tcp$", out, re.M)  # between nodes
     assert re.search(r"^  status\s+status:2->0\s+2 -> 0\s+cpu -> cpu\s+same-host$", out, re.M)
     assert re.search(r"^  data\s+vision#0->generator#1\s+1 -> 4\s+cuda:1 -> cuda:0\s+torch \(nccl\)$", out, re.M)
     # ... and what each rank runs, wired to those links.
