@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", type=Path, help="where the logs go (default: a new temp folder)")
     args = parser.parse_args(argv)
     options = BenchOptions(out_dir=args.out_dir or Path(tempfile.mkdtemp(prefix="multihost-bench-")),
-                           quick=args.quick, sections=("multihost",), **({"rounds": args.rounds} if args.rounds else {}))
+                           quick=args.quick, sections=("multihost",),
+                           **({"rounds": args.rounds} if args.rounds else {}))
     progress = Progress(steps(options))
     result = run(options, progress)
     progress.close()
