@@ -3,8 +3,9 @@
 A link carries messages one way, from a ``ChannelWriter`` on the sending side to a
 ``ChannelReader`` on the receiving side (the writer/reader split of Ray's channels): a
 reader has no ``send``, a writer no ``recv``. Implementations: in-process
-(``comms.inprocess``), same host (``comms.socket_link``) and torch.distributed
-(``comms.torch_p2p``); ``comms.links`` makes them from ``LinkSpec``s. Contract, shared by
+(``comms.inprocess``), a socket (``comms.socket_link``: Unix socket + shared memory on
+one host, TCP between hosts) and torch.distributed (``comms.torch_p2p``); ``comms.links``
+makes them from ``LinkSpec``s. Contract, shared by
 all of them:
 
 * ``writer.send(msg, timeout)`` blocks until the link has a free credit (at most

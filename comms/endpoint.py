@@ -1,7 +1,7 @@
 """What the two cross-rank links share: an end's state (open, closed, failed), when the
 writer's END goes out, and closing the ends still open when the process exits.
 
-The same-host link (``comms.socket_link``) and the torch.distributed link
+The socket link (``comms.socket_link``, same host or TCP) and the torch.distributed link
 (``comms.torch_p2p``) differ in how bytes travel and in who waits for them (the
 caller's thread, or background threads); the rules below are the same for both and
 live here once:
