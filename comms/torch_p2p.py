@@ -401,6 +401,9 @@ class TorchReader(_GroupsOfLink, CrossRankReader):
             self._ended = True
             self._cond.notify_all()
         self._send_credit(_CLOSED, 0)
+        # The writer takes every credit up to CLOSED, at once: wait for them here. Until a
+        # send completes its buffer must live, and this end may be dropped unjoined.
+        self._flush_credit_sends()
 
     def _header(self, slot: torch.Tensor, slots: deque[Posted], flags: int, header_len: int) -> memoryview:
         in_slot = min(header_len, slot.numel() - _SLOT.size)
@@ -464,15 +467,19 @@ class TorchReader(_GroupsOfLink, CrossRankReader):
         self._thread.join(remaining(deadline))
         if self._thread.is_alive():
             return False
+        self._flush_credit_sends()
+        return True
+
+    def _flush_credit_sends(self) -> None:
+        """Wait for every credit (and CLOSED) send still unwaited: the writer takes them
+        all, up to CLOSED, at once; a dead writer fails them at once."""
         with self._credit_lock:
             sends, self._credit_sends = list(self._credit_sends), deque()
         for work, _ in sends:
-            # The writer takes every credit up to CLOSED at once; a dead one fails at once.
             try:
                 work.wait(timeout=self._peer_wait)
             except Exception as e:
                 self._fail(f"credit to rank {self._peer} failed: {e}")
-        return True
 
     def _closable_at_exit(self) -> bool:
         return dist.is_initialized()  # once the groups are destroyed, nothing can be sent on them
