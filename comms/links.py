@@ -7,7 +7,8 @@ builds what the specs say:
 * ``SAME_HOST``: a Unix socket pair with payloads in shared memory, connected pairwise
   (the two ranks of the link only).
 * ``TCP``: one TCP connection between two hosts, connected pairwise the same way.
-* ``TORCH``: three process groups of its own per link (``comms.torch_p2p``), made with
+* ``TORCH``: three process groups of its own per link (``comms.torch_p2p``,
+  ``comms.torch_reader``), made with
   ``torch.distributed.new_group``, which every rank must call for every group in the
   same order.
 
@@ -34,8 +35,10 @@ from comms.errors import TransportError
 from comms.inprocess import inprocess_link
 from comms.link_spec import LinkSpec, Transport
 from comms.node_address import node_address
-from comms.socket_link import SocketReader, SocketWriter
-from comms.torch_p2p import TorchReader, TorchWriter
+from comms.socket_link import SocketWriter
+from comms.socket_reader import SocketReader
+from comms.torch_p2p import TorchWriter
+from comms.torch_reader import TorchReader
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,7 @@
 """Links between two ranks over a socket, with no background threads: a Unix socket and
-shared memory on one host, a TCP connection between hosts.
+shared memory on one host, a TCP connection between hosts. The frames, the sending end
+(``SocketWriter``) and the socket helpers are here; the receiving end is
+``comms.socket_reader``.
 
 A gloo link runs a thread per group it receives on and hands every message from a gloo
 wait to the consumer's thread: on a 2-core machine each hand-off costs tens of
@@ -15,12 +17,12 @@ one frame. Both ends use it the same way on both kinds of socket:
   (Nagle off, so a frame leaves at once). The kernel's TCP stack moves the bytes as
   gloo's would, without gloo's loop thread and the hand-off after it.
 
-Frames, writer -> reader: ``_FRAME`` (kind, flags, shared-memory chunk, header length,
+Frames, writer -> reader: ``FRAME`` (kind, flags, shared-memory chunk, header length,
 payload length, send time), the encoded header, then a segment announcement (flag
 SHM_NEW: chunk size and count; the segment's file descriptor went just before, as
 SCM_RIGHTS on the link's second socket, which only ever carries descriptors, so frames
 are read with plain reads) or the payload itself (flag INLINE). Reader -> writer:
-``_BACK`` records, CREDIT n (``recv`` took n messages) or CLOSED (the reader closed or
+``BACK`` records, CREDIT n (``recv`` took n messages) or CLOSED (the reader closed or
 took END). Back records never fill the socket (at most one per credit in flight), so
 writing one does not wait.
 
@@ -46,34 +48,28 @@ import struct
 import threading
 import time
 
-import torch
 
 from comms.channel import deadline_of, remaining
 from comms.config import TransportConfig
-from comms.endpoint import CrossRankReader, CrossRankWriter
-from comms.errors import ChannelClosed, ChannelTimeout, HeaderError, PeerFailure, TransportError
-from comms.header import TensorSpec, decode_header, pack_tensors, unpack_tensors
+from comms.endpoint import CrossRankWriter
+from comms.errors import ChannelClosed, PeerFailure, TransportError
+from comms.header import TensorSpec, pack_tensors
 from comms.link_spec import LinkSpec
 from comms.message import Message
-from comms.shm import Segment, SegmentReader, SegmentWriter
+from comms.shm import SegmentWriter
 
 log = logging.getLogger(__name__)
 
-_FRAME = struct.Struct("<BBHIQd")  # kind, flags, chunk, header_len, payload_len, send time
-_ANNOUNCE = struct.Struct("<QH")  # chunk bytes, chunks; the descriptor comes on the second socket
-_BACK = struct.Struct("<BI")  # kind, count
-_MSG, _END = 1, 2
-_INLINE, _SHM, _SHM_NEW = 1, 2, 4
-_CREDIT, _CLOSED = 1, 2
-_READ_BUFFER = 1 << 16
-"""Bytes read per system call when reading frames: a whole small frame in one call."""
-_DIRECT_MIN = 4096
-"""An inline payload at least this large is read straight into its tensor."""
+FRAME = struct.Struct("<BBHIQd")  # kind, flags, chunk, header_len, payload_len, send time
+ANNOUNCE = struct.Struct("<QH")  # chunk bytes, chunks; the descriptor comes on the second socket
+BACK = struct.Struct("<BI")  # kind, count
+MSG, END = 1, 2
+INLINE, SHM, SHM_NEW = 1, 2, 4
+CREDIT, CLOSED = 1, 2
 _JOIN_LOOK_S = 0.05
 """A writer's ``join`` looks again at least this often: END may be posted meanwhile by a
 send finishing in another thread."""
 
-FOREVER = float("inf")
 
 
 class SocketWriter(CrossRankWriter):
@@ -94,9 +90,9 @@ class SocketWriter(CrossRankWriter):
         self._wake_in, self._wake_out = socket.socketpair()
         """``close`` writes a byte into ``_wake_out`` to end a wait for credit."""
         self._wake_out.setblocking(False)
-        self._credit_wait = _poller((sock, select.POLLIN), (self._wake_in, select.POLLIN))
-        self._readable = _poller((sock, select.POLLIN))
-        self._writable = _poller((sock, select.POLLOUT))
+        self._credit_wait = make_poller((sock, select.POLLIN), (self._wake_in, select.POLLIN))
+        self._readable = make_poller((sock, select.POLLIN))
+        self._writable = make_poller((sock, select.POLLOUT))
         self._inline_max = config.inline_max_bytes
         self._peer_timeout = config.peer_timeout_s
         self._lock = threading.Lock()
@@ -159,7 +155,7 @@ class SocketWriter(CrossRankWriter):
                 break
             except BlockingIOError:
                 # Nothing yet: wait once; woken without data, the caller looks again.
-                if attempt == 2 or wait is not None and wait <= 0 or not _poll(poller or self._readable, wait):
+                if attempt == 2 or wait is not None and wait <= 0 or not wait_ready(poller or self._readable, wait):
                     return
             except OSError as e:
                 raise PeerFailure(self._fail(f"rank {self._peer} failed: {e}")) from None
@@ -169,12 +165,12 @@ class SocketWriter(CrossRankWriter):
                 raise PeerFailure(self._fail(f"rank {self._peer} closed the connection without CLOSED (died?)"))
             return
         self._back += data
-        while len(self._back) >= _BACK.size:
-            kind, count = _BACK.unpack_from(self._back, 0)
-            del self._back[:_BACK.size]
-            if kind == _CREDIT and 0 < count <= self.capacity:
+        while len(self._back) >= BACK.size:
+            kind, count = BACK.unpack_from(self._back, 0)
+            del self._back[:BACK.size]
+            if kind == CREDIT and 0 < count <= self.capacity:
                 self._credits = min(self.capacity, self._credits + count)
-            elif kind == _CLOSED:
+            elif kind == CLOSED:
                 self._peer_closed = True
             else:
                 raise PeerFailure(self._fail(f"protocol error: back record {(kind, count)} from rank {self._peer}"))
@@ -187,17 +183,17 @@ class SocketWriter(CrossRankWriter):
             chunk = self._sent % self.capacity
             flat, _ = pack_tensors(msg.tensors, "cpu", specs)
             self._shm.write(chunk, flat)
-            flags = _SHM | (_SHM_NEW if new else 0)
+            flags = SHM | (SHM_NEW if new else 0)
             if new:
-                extra = _ANNOUNCE.pack(segment.chunk_bytes, segment.chunks)
+                extra = ANNOUNCE.pack(segment.chunk_bytes, segment.chunks)
                 socket.send_fds(self._fd_sock, [b"S"], [self._shm.fd])
                 self._shm.announced()
         elif total:
-            flags = _INLINE
+            flags = INLINE
             flat, _ = pack_tensors(msg.tensors, "cpu", specs)
             payload = memoryview(flat.numpy()).cast("B")
-        prefix = _FRAME.pack(_MSG, flags, chunk, len(header), total, time.time())
-        _send_all(self._sock, self._writable, [prefix + header + extra] + ([payload] if payload is not None else []),
+        prefix = FRAME.pack(MSG, flags, chunk, len(header), total, time.time())
+        send_all(self._sock, self._writable, [prefix + header + extra] + ([payload] if payload is not None else []),
                   self._peer_timeout, self._peer)
         self._sent += 1
         path = "shm" if placed else ("inline" if total <= self._inline_max else "socket") if total else "empty"
@@ -212,7 +208,7 @@ class SocketWriter(CrossRankWriter):
     def _post_end(self) -> None:
         with self._lock:
             if not self._peer_gone:
-                self._end_rest = memoryview(_FRAME.pack(_END, 0, 0, 0, 0, time.time()))
+                self._end_rest = memoryview(FRAME.pack(END, 0, 0, 0, 0, time.time()))
                 self._write_end()
 
     def _write_end(self) -> None:
@@ -255,187 +251,23 @@ class SocketWriter(CrossRankWriter):
             wait = remaining(deadline)
             if wait is not None and wait <= 0:
                 return False
-            _poll(self._writable if self._end_rest is not None else self._readable,
+            wait_ready(self._writable if self._end_rest is not None else self._readable,
                   _JOIN_LOOK_S if wait is None else min(wait, _JOIN_LOOK_S))
 
 
-class SocketReader(CrossRankReader):
-    """The receiving end of a socket link; ``recv`` runs on the caller's thread (one
-    caller at a time), ``close`` from any thread. ``fd_sock`` as for ``SocketWriter``."""
-
-    def __init__(self, spec: LinkSpec, sock: socket.socket, fd_sock: socket.socket | None,
-                 config: TransportConfig) -> None:
-        super().__init__(spec, config)
-        sock.setblocking(False)  # see SocketWriter
-        self._sock = sock
-        if fd_sock is not None:
-            fd_sock.settimeout(config.peer_timeout_s)
-        self._fd_sock = fd_sock
-        self._readable = _poller((sock, select.POLLIN))
-        self._writable = _poller((sock, select.POLLOUT))
-        self._rbuf = bytearray(_READ_BUFFER)
-        self._rview = memoryview(self._rbuf)
-        self._rstart = self._rend = 0
-        self._peer_timeout = config.peer_timeout_s
-        self._lock = threading.Lock()
-        """Held by the one ``recv`` reading the socket."""
-        self._back_lock = threading.Lock()
-        """Serialises CREDIT and CLOSED writes (``close`` may come from any thread)."""
-        self._shm_in = SegmentReader()
-        self._device = torch.device(spec.dst_device)
-
-
-    def recv(self, timeout: float | None = None) -> Message:
-        deadline = deadline_of(timeout)
-        with self._lock:
-            self._raise_if_unusable()
-            if self._ended:
-                raise self._ended_error()
-            wait = remaining(deadline)
-            prefix = self._read_exact(_FRAME.size, first_wait=FOREVER if wait is None else wait)
-            if prefix is None:
-                raise ChannelTimeout(f"link {self.name!r}: nothing arrived within {timeout} s")
-            kind, flags, chunk, header_len, total, sent_at = _FRAME.unpack(prefix)
-            if kind == _END:
-                with self._cond:
-                    self._ended = True
-                    self._cond.notify_all()
-                self._shm_in.close()
-                self._write_back(_CLOSED, 0)
-                raise self._ended_error()
-            if kind != _MSG:
-                raise PeerFailure(self._fail(f"protocol error: frame kind {kind} from rank {self._peer}"))
-            try:
-                msg = self._read_message(flags, chunk, header_len, total)
-            except (HeaderError, OSError) as e:  # OSError: an announced segment that cannot be opened
-                raise PeerFailure(self._fail(f"bad frame from rank {self._peer}: {e}")) from None
-            self._write_back(_CREDIT, 1)
-        self.stats.record_recv(total, (time.time() - sent_at) * 1000.0)
-        return msg
-
-    def _read_message(self, flags: int, chunk: int, header_len: int, total: int) -> Message:
-        msg, specs = decode_header(self._read_exact(header_len))
-        if flags & _SHM:
-            if self._fd_sock is None:
-                raise HeaderError("a shared-memory payload on a link between hosts")
-            if flags & _SHM_NEW:
-                chunk_bytes, chunks = _ANNOUNCE.unpack(self._read_exact(_ANNOUNCE.size))
-                _, fds, _, _ = socket.recv_fds(self._fd_sock, 1, 1)  # sent before the frame
-                if len(fds) != 1:
-                    raise HeaderError("a new shared-memory segment was announced without its descriptor")
-                self._shm_in.open(fds[0], Segment(chunk_bytes=chunk_bytes, chunks=chunks))
-            flat = self._shm_in.take(chunk, total)
-        else:
-            flat = torch.empty(total, dtype=torch.uint8)
-            if total:
-                self._read_exact(total, into=memoryview(flat.numpy()).cast("B"))
-        if flat.device != self._device:
-            flat = flat.to(self._device)
-        msg.tensors = unpack_tensors(flat, specs)
-        return msg
-
-    def _read_exact(self, n: int, *, into: memoryview | None = None, first_wait: float | None = None):
-        """``n`` bytes from the socket (into ``into`` when given), through a read buffer
-        so a small frame takes one system call. With ``first_wait`` (seconds; ``FOREVER``
-        for no limit) this starts a frame: None comes back if no byte arrived in that
-        time. Once a frame has started, its rest must follow within ``peer_timeout_s``,
-        or the writer counts as stalled."""
-        out = into if into is not None else memoryview(bytearray(n))
-        got = 0
-        while got < n:
-            if self._rend > self._rstart:
-                take = min(self._rend - self._rstart, n - got)
-                out[got:got + take] = self._rview[self._rstart:self._rstart + take]
-                self._rstart += take
-                got += take
-                continue
-            starting = got == 0 and first_wait is not None
-            # A payload of some size goes straight into its tensor: a copy less than through
-            # the read buffer, which only pays off for the many small reads of a frame.
-            direct = n - got >= (_DIRECT_MIN if into is not None else _READ_BUFFER)
-            k = self._recv_into(out[got:] if direct else self._rview,
-                                (None if first_wait is FOREVER else first_wait) if starting else self._peer_timeout)
-            if k is None:
-                if starting:
-                    return None
-                raise PeerFailure(self._fail(f"rank {self._peer} stalled mid-message "
-                                             f"({got} of {n} bytes in {self._peer_timeout} s)"))
-            if k == 0:
-                if self._closed:
-                    raise ChannelClosed(f"link {self.name!r} is closed")
-                raise PeerFailure(self._fail(f"rank {self._peer} closed the connection without END (died?)"))
-            if direct:
-                got += k
-            else:
-                self._rstart, self._rend = 0, k
-        return out
-
-    def _recv_into(self, view: memoryview, wait: float | None) -> int | None:
-        """Bytes read into ``view`` (0: the peer hung up), or None when nothing came
-        within ``wait`` seconds (None: no limit)."""
-        deadline = None if wait is None else time.monotonic() + wait
-        while True:
-            try:
-                return self._sock.recv_into(view)
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                raise PeerFailure(self._fail(f"receive from rank {self._peer} failed: {e}")) from None
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0 or not _poll(self._readable, left):
-                return None
-
-    def _write_back(self, kind: int, count: int) -> None:
-        """CREDIT or CLOSED to the writer; a writer already gone is noticed by the next read."""
-        record = _BACK.pack(kind, count)
-        with self._back_lock:
-            try:
-                sent = self._sock.send(record)
-                if sent < len(record):
-                    _send_all(self._sock, self._writable, [record[sent:]], self._peer_timeout, self._peer)
-            except BlockingIOError:
-                _send_all(self._sock, self._writable, [record], self._peer_timeout, self._peer)
-            except OSError as e:
-                log.debug("link %r: back record to rank %d not sent: %s", self.name, self._peer, e)
-
-    def _tell_writer_closed(self) -> None:
-        self._write_back(_CLOSED, 0)
-        try:
-            self._sock.shutdown(socket.SHUT_RD)  # a recv blocked in another thread reads the end
-        except OSError:
-            pass
-
-    def join(self, timeout: float | None = None) -> bool:
-        """True once this end is closed, has taken END, or failed, and no ``recv`` is
-        running; frees the shared-memory mapping then."""
-        deadline = deadline_of(timeout)
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._closed or self._ended or self._failure is not None,
-                                       remaining(deadline)):
-                return False
-        wait = remaining(deadline)
-        if not self._lock.acquire(timeout=-1 if wait is None else wait):
-            return False
-        try:
-            self._shm_in.close()
-            return True
-        finally:
-            self._lock.release()
-
-
-def _poller(*registrations: tuple[socket.socket, int]) -> select.poll:
+def make_poller(*registrations: tuple[socket.socket, int]) -> select.poll:
     poller = select.poll()
     for sock, events in registrations:
         poller.register(sock, events)
     return poller
 
 
-def _poll(poller: select.poll, wait: float | None) -> bool:
+def wait_ready(poller: select.poll, wait: float | None) -> bool:
     """Whether a registered socket became ready within ``wait`` seconds (None: no limit)."""
     return bool(poller.poll(None if wait is None else math.ceil(wait * 1000)))
 
 
-def _send_all(sock: socket.socket, writable: select.poll, buffers: list, peer_timeout: float, peer: int) -> None:
+def send_all(sock: socket.socket, writable: select.poll, buffers: list, peer_timeout: float, peer: int) -> None:
     """Write every byte of ``buffers`` (OSError if the socket breaks); the peer may be
     slow to read a large frame, but not slower than ``peer_timeout`` seconds."""
     views = [memoryview(b).cast("B") for b in buffers]
@@ -443,7 +275,7 @@ def _send_all(sock: socket.socket, writable: select.poll, buffers: list, peer_ti
         try:
             sent = sock.sendmsg(views)
         except BlockingIOError:
-            if not _poll(writable, peer_timeout):
+            if not wait_ready(writable, peer_timeout):
                 raise OSError(f"rank {peer} took nothing for {peer_timeout} s") from None
             continue
         while views and sent >= len(views[0]):

@@ -1,4 +1,5 @@
-"""Links between ranks over torch.distributed point-to-point sends.
+"""Links between ranks over torch.distributed point-to-point sends: the protocol, and
+the sending end (``TorchWriter``; the receiving end is ``comms.torch_reader``).
 
 Every directed link gets three two-rank process groups of its own, created by all
 ranks in the same order (``comms.links.create_links``):
@@ -53,9 +54,7 @@ import logging
 import struct
 import threading
 import time
-from collections import deque
 from datetime import timedelta
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -63,42 +62,30 @@ import torch.distributed as dist
 
 from comms.channel import deadline_of, remaining
 from comms.config import TransportConfig
-from comms.endpoint import CrossRankReader, CrossRankWriter
-from comms.errors import (
-    ChannelClosed,
-    ChannelTimeout,
-    HeaderError,
-    PeerFailure,
-    TransportError,
-)
-from comms.header import (
-    TensorSpec,
-    align_up,
-    decode_header,
-    pack_tensors,
-    unpack_tensors,
-)
+from comms.endpoint import CrossRankWriter
+from comms.errors import PeerFailure, TransportError
+from comms.header import TensorSpec, align_up, pack_tensors
 from comms.link_spec import LinkSpec
 from comms.message import Message
-from comms.posted import POSTED_AHEAD, Peer, Posted, PostedSizes, await_cuda, filler
+from comms.posted import POSTED_AHEAD, Peer, PostedSizes, await_cuda, filler
 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT = timedelta(days=3650)
 
-_SLOT = struct.Struct("<4sBBHIQd")  # magic, slot kind, flags, reserved, header_len, payload_len, send time
-_SLOT_MAGIC = b"MMS1"
-_SLOT_MSG, _SLOT_END = 1, 2
-_FLAG_INLINE, _FLAG_OVERFLOW, _FLAG_PAYLOAD, _FLAG_OVERSIZE = 1, 2, 4, 8
-_CREDIT, _CLOSED = 1, 2
+SLOT = struct.Struct("<4sBBHIQd")  # magic, slot kind, flags, reserved, header_len, payload_len, send time
+SLOT_MAGIC = b"MMS1"
+SLOT_MSG, SLOT_END = 1, 2
+FLAG_INLINE, FLAG_OVERFLOW, FLAG_PAYLOAD, FLAG_OVERSIZE = 1, 2, 4, 8
+CREDIT, CLOSED = 1, 2
+"""Codes of the credit group's messages, reader -> writer."""
 
 
-_CREDIT_SENDS_AHEAD = 2
-"""Credit sends a reader leaves unwaited: the oldest is waited for (long finished, as the
-writer keeps a credit receive posted) only when one more goes out."""
+# The slot frame and codes above, ``GroupsOfLink`` and ``start_thread`` are shared with
+# the reading end, ``comms.torch_reader.TorchReader``.
 
 
-class _GroupsOfLink:
+class GroupsOfLink:
     """What both ends of a torch link hold: the peer on each of the link's three groups,
     and the payload receives the reader keeps posted, as both ends track them."""
 
@@ -113,11 +100,11 @@ class _GroupsOfLink:
 
     def _continuation_slots(self, header_len: int) -> int:
         """Slots after the first that a ``header_len``-byte header continues in."""
-        rest = header_len - (self._config.slot_bytes - _SLOT.size)
+        rest = header_len - (self._config.slot_bytes - SLOT.size)
         return max(0, -(-rest // self._config.slot_bytes))
 
 
-class TorchWriter(_GroupsOfLink, CrossRankWriter):
+class TorchWriter(GroupsOfLink, CrossRankWriter):
     """The sending end of a torch.distributed link. See the module docstring for the
     protocol and threads."""
 
@@ -132,7 +119,7 @@ class TorchWriter(_GroupsOfLink, CrossRankWriter):
         """Messages sent per path: inline / payload / empty say where the payload went;
         overflow counts headers that continued beyond their slot, oversize payloads that
         did not fit the receive posted for them and continued in the next ones."""
-        self._credit_thread = _start_thread(self._credit_reader, self.name, "credits-in")
+        self._credit_thread = start_thread(self._credit_reader, self.name, "credits-in")
 
     def _deliver(self, msg: Message, header: bytes, specs: list[TensorSpec], total: int,
                  deadline: float | None, timeout: float | None) -> None:
@@ -165,20 +152,20 @@ class TorchWriter(_GroupsOfLink, CrossRankWriter):
 
     def _transmit(self, msg: Message, header: bytes, specs: list[TensorSpec], total: int) -> None:
         slot_bytes = self._config.slot_bytes
-        overflow = _SLOT.size + len(header) > slot_bytes
-        inline_at = align_up(_SLOT.size + len(header))
+        overflow = SLOT.size + len(header) > slot_bytes
+        inline_at = align_up(SLOT.size + len(header))
         inline = (not overflow and 0 < total <= self._config.inline_max_bytes
                   and self._sizes is not None and inline_at + total <= slot_bytes)
         payload = total > 0 and not inline
         pieces = [piece for piece, _ in self._sizes.take(total)] if payload and self._sizes else [total]
         oversize = len(pieces) > 1
-        flags = ((_FLAG_OVERFLOW if overflow else 0) | (_FLAG_INLINE if inline else 0)
-                 | (_FLAG_PAYLOAD if payload else 0) | (_FLAG_OVERSIZE if oversize else 0))
+        flags = ((FLAG_OVERFLOW if overflow else 0) | (FLAG_INLINE if inline else 0)
+                 | (FLAG_PAYLOAD if payload else 0) | (FLAG_OVERSIZE if oversize else 0))
         slot = self._slot.numpy()
-        _SLOT.pack_into(slot, 0, _SLOT_MAGIC, _SLOT_MSG, flags, 0, len(header), total, time.time())
-        in_slot = min(len(header), slot_bytes - _SLOT.size)
-        slot[_SLOT.size:_SLOT.size + in_slot] = np.frombuffer(header, dtype=np.uint8, count=in_slot)
-        used = _SLOT.size + in_slot
+        SLOT.pack_into(slot, 0, SLOT_MAGIC, SLOT_MSG, flags, 0, len(header), total, time.time())
+        in_slot = min(len(header), slot_bytes - SLOT.size)
+        slot[SLOT.size:SLOT.size + in_slot] = np.frombuffer(header, dtype=np.uint8, count=in_slot)
+        used = SLOT.size + in_slot
         if inline:
             flat, _ = pack_tensors(msg.tensors, "cpu", specs)
             self._slot[inline_at:inline_at + total].copy_(flat)
@@ -220,11 +207,11 @@ class TorchWriter(_GroupsOfLink, CrossRankWriter):
             while True:
                 self._credit.irecv(buf).wait(timeout=IDLE_WAIT)
                 code, count = buf.tolist()
-                if code == _CREDIT and 0 < count <= self.capacity:
+                if code == CREDIT and 0 < count <= self.capacity:
                     with self._cond:
                         self._credits = min(self.capacity, self._credits + count)
                         self._cond.notify_all()
-                elif code == _CLOSED:
+                elif code == CLOSED:
                     break
                 else:
                     self._fail(f"protocol error: credit message {[code, count]} from rank {self._peer}")
@@ -262,8 +249,8 @@ class TorchWriter(_GroupsOfLink, CrossRankWriter):
         and a filler every payload receive, so nothing is left posted on the groups."""
         with self._send_lock:
             try:
-                end_slot = torch.zeros(_SLOT.size, dtype=torch.uint8)
-                _SLOT.pack_into(end_slot.numpy(), 0, _SLOT_MAGIC, _SLOT_END, 0, 0, 0, 0, time.time())
+                end_slot = torch.zeros(SLOT.size, dtype=torch.uint8)
+                SLOT.pack_into(end_slot.numpy(), 0, SLOT_MAGIC, SLOT_END, 0, 0, 0, 0, time.time())
                 end = [(self._meta.isend(end_slot), end_slot) for _ in range(POSTED_AHEAD)]
                 for _ in self._sizes.queue if self._sizes else ():
                     end_filler = filler()
@@ -288,204 +275,7 @@ class TorchWriter(_GroupsOfLink, CrossRankWriter):
         return dist.is_initialized()  # once the groups are destroyed, nothing can be sent on them
 
 
-class _Arrival(NamedTuple):
-    """A message as the arrival thread leaves it for ``recv``: not decoded yet."""
-
-    header: memoryview
-    payload: torch.Tensor
-    """The packed tensors (a view into the receive buffer where possible)."""
-    total: int
-    sent_at: float
-    arrived_at: float
-
-
-class TorchReader(_GroupsOfLink, CrossRankReader):
-    """The receiving end of a torch.distributed link. See the module docstring for the
-    protocol and threads."""
-
-    def __init__(self, spec: LinkSpec, *, meta, data, credit, config: TransportConfig) -> None:
-        super().__init__(spec, config)
-        self._use_groups(spec, meta, data, credit, config)
-        self._queue: deque[_Arrival] = deque()
-        self._device = torch.device(spec.dst_device)
-        self._credit_lock = threading.Lock()
-        self._credit_sends: deque[tuple[object, torch.Tensor]] = deque()
-        """Credit (and CLOSED) sends not waited for yet, each with its buffer."""
-        self._closed_sent = False
-        self._thread = _start_thread(self._arrivals, self.name, "arrivals")
-
-    def recv(self, timeout: float | None = None) -> Message:
-        deadline = deadline_of(timeout)
-        with self._state:  # a message already waiting: no condition needed
-            arrival = self._queue.popleft() if self._queue and not self._closed else None
-        if arrival is None:
-            with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._closed or self._ended or self._failure is not None,
-                                    remaining(deadline))
-                if self._closed:
-                    raise ChannelClosed(f"link {self.name!r} is closed")
-                if self._queue:
-                    arrival = self._queue.popleft()
-                elif self._failure is not None:
-                    raise PeerFailure(self._failure)
-                elif self._ended:
-                    raise self._ended_error()
-                else:
-                    raise ChannelTimeout(f"link {self.name!r}: nothing arrived within {timeout} s")
-        msg = self._decode(arrival)
-        self._send_credit(_CREDIT, 1)  # after END, CLOSED has gone out instead, and this does nothing
-        self.stats.record_recv(arrival.total, (arrival.arrived_at - arrival.sent_at) * 1000.0)
-        return msg
-
-    def _decode(self, arrival: _Arrival) -> Message:
-        try:
-            msg, specs = decode_header(arrival.header)
-            payload = arrival.payload
-            if payload.device != self._device:
-                payload = payload.to(self._device)
-            msg.tensors = unpack_tensors(payload, specs)
-            return msg
-        except HeaderError as e:
-            raise PeerFailure(self._fail(f"bad message from rank {self._peer}: {e}")) from None
-
-    def _send_credit(self, code: int, count: int) -> None:
-        """Start a credit (or CLOSED, once) on its way from the caller's thread; the send
-        before the previous one is waited for, bounded, to keep the buffers few."""
-        stale = None
-        with self._credit_lock:
-            if self._closed_sent:
-                return
-            self._closed_sent = code == _CLOSED
-            buf = torch.tensor([code, count], dtype=torch.int64)
-            try:
-                self._credit_sends.append((self._credit.isend(buf), buf))
-            except Exception as e:  # the group is broken or gone
-                self._fail(f"credit to rank {self._peer} failed: {e}")
-                return
-            if len(self._credit_sends) > _CREDIT_SENDS_AHEAD:
-                stale = self._credit_sends.popleft()
-        if stale is not None:
-            try:
-                stale[0].wait(timeout=self._peer_wait)
-            except Exception as e:
-                self._fail(f"credit to rank {self._peer} failed: {e}")
-
-    def _arrivals(self) -> None:
-        """Wait for each slot (and its continuation and payload), queue it for ``recv``,
-        and keep the receives posted; until END or a failure."""
-        try:
-            slots = deque(Posted(self._config.slot_bytes, self._meta) for _ in range(POSTED_AHEAD))
-            data = deque(Posted(size, self._data) for size in self._sizes.queue) if self._sizes else None
-            while True:
-                slot = slots.popleft().wait(IDLE_WAIT)
-                magic, kind, flags, _, header_len, total, sent_at = _SLOT.unpack_from(slot.numpy(), 0)
-                if magic != _SLOT_MAGIC or kind not in (_SLOT_MSG, _SLOT_END):
-                    raise HeaderError(f"bad slot frame: magic {bytes(magic)!r}, kind {kind}")
-                if kind == _SLOT_END:
-                    self._take_end(slots, data)
-                    break
-                header = self._header(slot, slots, flags, header_len)
-                payload = self._payload(slot, data, flags, header_len, total)
-                arrival = _Arrival(header, payload, total, sent_at, time.time())
-                # Replaced before the hand-over, not after: woken, ``recv`` needs the GIL,
-                # and this thread should then give it up at once, in its next wait.
-                slots.append(Posted(self._config.slot_bytes, self._meta))
-                with self._cond:
-                    if not self._closed:
-                        self._queue.append(arrival)
-                        self._cond.notify()
-        except Exception as e:  # gloo errors, a bad frame, or a group already destroyed
-            self._fail(f"receive from rank {self._peer} failed: {e}")
-            return
-        with self._cond:
-            self._ended = True
-            self._cond.notify_all()
-        self._send_credit(_CLOSED, 0)
-        # The writer takes every credit up to CLOSED, at once: wait for them here. Until a
-        # send completes its buffer must live, and this end may be dropped unjoined.
-        self._flush_credit_sends()
-
-    def _header(self, slot: torch.Tensor, slots: deque[Posted], flags: int, header_len: int) -> memoryview:
-        in_slot = min(header_len, slot.numel() - _SLOT.size)
-        first = slot.numpy()[_SLOT.size:_SLOT.size + in_slot]
-        more = self._continuation_slots(header_len)
-        if bool(flags & _FLAG_OVERFLOW) != (more > 0):
-            raise HeaderError(f"a {header_len}-byte header {'marked' if flags & _FLAG_OVERFLOW else 'not marked'} "
-                              f"as continuing beyond its slot")
-        if not more:
-            return first.data
-        parts, left = [first], header_len - in_slot
-        for _ in range(more):  # each continuation slot is replaced at once: the writer sends them together
-            part = slots.popleft().wait(self._peer_wait)
-            slots.append(Posted(self._config.slot_bytes, self._meta))
-            parts.append(part.numpy()[:min(left, part.numel())])
-            left -= parts[-1].size
-        return np.concatenate(parts).data
-
-    def _payload(self, slot: torch.Tensor, data: deque[Posted] | None, flags: int, header_len: int,
-                 total: int) -> torch.Tensor:
-        """The packed tensors of an arrived slot: inline, received into the posted payload
-        receives (gloo), or received at their exact size (NCCL)."""
-        if flags & _FLAG_INLINE:
-            inline_at = align_up(_SLOT.size + header_len)
-            if inline_at + total > slot.numel():
-                raise HeaderError(f"inline payload of {total} bytes does not fit the slot")
-            return slot[inline_at:inline_at + total]
-        if not flags & _FLAG_PAYLOAD:
-            return torch.empty(0, dtype=torch.uint8)
-        if data is None:  # NCCL
-            flat = torch.empty(total, dtype=torch.uint8, device=self._device)
-            self._data.irecv(flat).wait()
-            await_cuda(self._device, "receive", self._config.peer_timeout_s)
-            return flat
-        pieces = self._sizes.take(total)
-        if bool(flags & _FLAG_OVERSIZE) != (len(pieces) > 1):
-            raise HeaderError(f"payload of {total} bytes {'marked' if flags & _FLAG_OVERSIZE else 'not marked'} "
-                              f"oversize, but {pieces[0][0]} bytes of it fit the receive posted for it")
-        parts = []
-        for piece, next_size in pieces:
-            parts.append(data.popleft().wait(self._peer_wait)[:piece])
-            data.append(Posted(next_size, self._data))  # at once: the next message may be on its way
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def _take_end(self, slots: deque[Posted], data: deque[Posted] | None) -> None:
-        """END fills every receive still posted (``TorchWriter._post_end``): take them all,
-        so none is left posted on the groups."""
-        for posted in [*slots, *(data or ())]:
-            posted.wait(self._peer_wait)
-
-    def _tell_writer_closed(self) -> None:
-        # The arrival thread runs on until the writer's END, dropping what arrives.
-        with self._cond:
-            self._queue.clear()
-        self._send_credit(_CLOSED, 0)
-
-    def join(self, timeout: float | None = None) -> bool:
-        """True once the arrival thread stopped (the writer's END arrived, or the link
-        failed) and CLOSED, with every credit before it, went out."""
-        deadline = deadline_of(timeout)
-        self._thread.join(remaining(deadline))
-        if self._thread.is_alive():
-            return False
-        self._flush_credit_sends()
-        return True
-
-    def _flush_credit_sends(self) -> None:
-        """Wait for every credit (and CLOSED) send still unwaited: the writer takes them
-        all, up to CLOSED, at once; a dead writer fails them at once."""
-        with self._credit_lock:
-            sends, self._credit_sends = list(self._credit_sends), deque()
-        for work, _ in sends:
-            try:
-                work.wait(timeout=self._peer_wait)
-            except Exception as e:
-                self._fail(f"credit to rank {self._peer} failed: {e}")
-
-    def _closable_at_exit(self) -> bool:
-        return dist.is_initialized()  # once the groups are destroyed, nothing can be sent on them
-
-
-def _start_thread(target, link: str, role: str) -> threading.Thread:
+def start_thread(target, link: str, role: str) -> threading.Thread:
     thread = threading.Thread(target=target, name=f"link-{link}-{role}", daemon=True)
     thread.start()
     return thread

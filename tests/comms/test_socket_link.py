@@ -25,7 +25,8 @@ from comms.header import encode_header
 from comms.link_spec import LinkSpec, Transport
 from comms.links import create_links
 from comms.message import Kind, Message
-from comms.socket_link import _ANNOUNCE, _FRAME, _SHM, _SHM_NEW, SocketReader, SocketWriter
+from comms.socket_link import ANNOUNCE, FRAME, SHM, SHM_NEW, SocketWriter
+from comms.socket_reader import SocketReader
 from tests.comms.gloo_ranks import GlooWorld
 from tests.comms.test_torch_p2p import link, make_message, my_end, same_message
 
@@ -165,13 +166,13 @@ def socket_pair() -> tuple[SocketWriter, SocketReader, socket.socket]:
 
 
 def raw_frame(kind: int, flags: int = 0, header: bytes = b"", extra: bytes = b"", total: int = 0) -> bytes:
-    return _FRAME.pack(kind, flags, 0, len(header), total, time.time()) + header + extra
+    return FRAME.pack(kind, flags, 0, len(header), total, time.time()) + header + extra
 
 
 def test_a_segment_announced_without_its_descriptor_fails_the_link_clearly():
     sender, receiver, raw = socket_pair()
     header = encode_header(Message(kind=Kind.DATA, tensors=[torch.zeros(100_000, dtype=torch.uint8)]))
-    raw.sendall(raw_frame(1, _SHM | _SHM_NEW, header, _ANNOUNCE.pack(2**20, 2), 100_000))
+    raw.sendall(raw_frame(1, SHM | SHM_NEW, header, ANNOUNCE.pack(2**20, 2), 100_000))
     with pytest.raises(PeerFailure, match="bad frame"):
         receiver.recv(timeout=1)
     with pytest.raises(PeerFailure):  # the stream is out of step now: the link stays failed
