@@ -11,7 +11,8 @@ directions, both non-blocking:
 
 A peer that breaks the protocol gets an ``error`` message and stays connected; nothing
 it sends reaches the pipeline or another session. A hook that raises is logged and
-reported to that one session as ``internal``.
+reported to that one session as ``internal``. (Incoming messages are handled in
+``page_messages``.)
 
 Binary input goes where the pipeline says (``PipelineHooks.takes()``): camera frames to
 ``submit_frame``, or audio chunks, each checked for shape and held to the session's
@@ -48,16 +49,16 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
-from core.config import ConfigError
 from stages.server import protocol
 from stages.server.access import AccessPolicy, exposure_warnings, page_url, resolve_token, server_ssl_context
 from stages.server.audio_rate import AudioRateLimit
 from stages.server.config import ServerConfig
-from stages.server.hooks import AUDIO, PipelineHooks, hook_or_none, pipeline_takes
+from stages.server.hooks import AUDIO, PipelineHooks, pipeline_takes
+from stages.server.page_messages import PageMessages, config_text
 from stages.server.http_routes import HttpRoutes
 from stages.server.limits import LimitMetrics, MessageRateLimit
 from stages.server.metrics import ServerMetrics
-from stages.server.protocol import BinaryFrame, ErrorCode, Kind, ProtocolError
+from stages.server.protocol import BinaryFrame, ErrorCode, Kind
 from stages.server.session import Session
 from stages.server.session_watch import SessionWatch
 
@@ -95,6 +96,8 @@ class WebServer:
         self._port: int | None = None
         self._watch = SessionWatch(self._sessions, hooks, self._limits, close_timeout_s=config.close_timeout_s,
                                    stats_interval_s=config.stats_interval_s)
+        self._inbound = PageMessages(config, hooks, self._metrics, self._limits, route_error=self._route_error,
+                                     push_config_all=self._push_config_all)
 
     # --- lifecycle (any thread) ---
 
@@ -296,7 +299,7 @@ class WebServer:
                 session.audio_limit = AudioRateLimit(max_chunks_per_s=self.config.max_audio_chunks_per_s,
                                                      burst_s=self.config.audio_burst_s)
             self._hooks.open_session(session.id)
-            config_text = self._config_text(session, self._hooks.config_current())
+            first_config = config_text(session, self._hooks.config_current())
         except Exception as e:
             log.exception("opening session %s failed", session.id)
             self._limits.sessions_refused.labels(reason="open_failed").inc()
@@ -309,14 +312,14 @@ class WebServer:
         self._metrics.sessions_opened.inc()
         log.info("session %s opened from %s", session.id, connection.remote_address)
         sender = asyncio.create_task(session.run_sender(), name=f"mm-send-{session.id}")
-        session.push_config(config_text)
+        session.push_config(first_config)
         self._watch.push_job_status(session)
         try:
             async for message in connection:
                 if session.message_limit is None or session.message_limit.admit():
-                    self._dispatch(session, message)
+                    self._inbound.dispatch(session, message)
                 else:
-                    self._drop_over_rate(session)
+                    self._inbound.drop_over_rate(session)
         except ConnectionClosed:
             pass  # abnormal closes (e.g. 1009 for an oversize message) end the session too
         finally:
@@ -335,96 +338,6 @@ class WebServer:
             log.info("session %s closed (%s): %s", session.id, connection.close_code,
                      session.counters.as_dict(audio=session.audio_limit is not None))
 
-    def _drop_over_rate(self, session: Session) -> None:
-        """Count a message dropped for the session's rate; tell the page now and then."""
-        assert session.message_limit is not None
-        session.counters.messages_dropped += 1
-        self._limits.messages_dropped.labels(reason="rate").inc()
-        dropped = session.message_limit.notice()
-        if dropped is not None:
-            log.warning("session %s sends too fast: %d message(s) dropped", session.id, dropped)
-            self._route_error(session.id, ErrorCode.RATE_LIMITED,
-                              protocol.error_message(ErrorCode.RATE_LIMITED, session.message_limit.describe(dropped)))
-
-    def _dispatch(self, session: Session, message: str | bytes) -> None:
-        """Handle one message from the page; nothing it contains may escape this session."""
-        try:
-            if isinstance(message, str):
-                self._on_text(session, message)
-            elif session.audio_limit is not None:
-                self._on_audio(session, message)
-            else:
-                self._on_binary(session, message)
-        except ProtocolError as e:
-            self._route_error(session.id, e.code, protocol.error_message(e.code, e.message, chunk_id=e.chunk_id))
-        except ConfigError as e:
-            self._route_error(session.id, ErrorCode.BAD_CONFIG, protocol.error_message(ErrorCode.BAD_CONFIG, str(e)))
-        except Exception as e:
-            log.exception("hooks failed on a message of session %s", session.id)
-            self._route_error(session.id, ErrorCode.INTERNAL,
-                              protocol.error_message(ErrorCode.INTERNAL, protocol.describe_exception(e)))
-
-    def _on_binary(self, session: Session, data: bytes) -> None:
-        self._metrics.bytes_in.inc(len(data))
-        frame = protocol.decode_camera_frame(data)
-        width, height = protocol.probe_jpeg(frame.payload, max_width=self.config.max_frame_width,
-                                            max_height=self.config.max_frame_height,
-                                            max_pixels=self.config.max_frame_pixels)
-        self._hooks.submit_frame(session.id, frame.frame_id, frame.client_ts, frame.payload, width, height)
-        session.counters.frames_in += 1
-        self._metrics.frames_in.inc()
-
-    def _on_audio(self, session: Session, data: bytes) -> None:
-        assert session.audio_limit is not None
-        self._metrics.bytes_in.inc(len(data))
-        chunk = protocol.decode_audio_chunk(data, max_bytes=self.config.max_audio_chunk_bytes)
-        samples = len(chunk.payload) // 2
-        try:
-            session.audio_limit.admit(samples)
-        except ProtocolError as e:
-            e.chunk_id = chunk.frame_id
-            raise
-        submit = hook_or_none(self._hooks, "submit_audio")
-        if submit is None:  # takes() said audio, yet there is nowhere to put it
-            raise ProtocolError(ErrorCode.UNSUPPORTED_KIND, "this pipeline accepts no audio chunks",
-                                chunk_id=chunk.frame_id)
-        try:
-            submit(session.id, chunk.frame_id, chunk.client_ts, chunk.payload)
-        except ProtocolError as e:  # the pipeline's own refusal of this chunk
-            e.chunk_id = chunk.frame_id
-            raise
-        session.counters.audio_chunks_in += 1
-        session.counters.audio_samples_in += samples
-        self._metrics.audio_chunks_in.inc()
-        self._metrics.audio_seconds_in.inc(samples / protocol.AUDIO_SAMPLE_RATE)
-
-    def _on_text(self, session: Session, text: str) -> None:
-        message = protocol.decode_client_message(text)
-        if message.type == protocol.AVATAR_SELECT:
-            self._select_avatar(session, message.payload["id"])
-            return
-        if message.type == protocol.CONFIG_UPDATE:
-            current = self._hooks.update_config(message.payload)
-        else:
-            current = self._hooks.apply_preset(message.payload["name"])
-        # Every page shows the live config, so every page hears of the change.
-        self._push_config_all(current)
-
-    def _select_avatar(self, session: Session, avatar: str) -> None:
-        """An avatar is this session's choice alone: only its page hears the answer."""
-        protocol.check_avatar_id(avatar)
-        select = hook_or_none(self._hooks, "select_avatar")
-        if select is None:
-            raise ProtocolError(ErrorCode.UNKNOWN_AVATAR, "this pipeline shows no avatars (it takes camera frames)")
-        try:
-            current = select(session.id, avatar)
-        except LookupError as e:
-            reason = str(e.args[0]) if e.args else f"no avatar {avatar!r}"
-            raise ProtocolError(ErrorCode.UNKNOWN_AVATAR, reason) from None
-        session.avatar = avatar
-        self._metrics.avatar_selects.inc()
-        session.push_config(self._config_text(session, current))
-
     def _route_frame(self, session_id: str, text: str, frame: bytes) -> None:
         session = self._sessions.get(session_id)
         if session is not None:  # else the page left while its frame was in flight
@@ -437,16 +350,7 @@ class WebServer:
 
     def _push_config_all(self, current: dict[str, Any]) -> None:
         for session in self._sessions.values():
-            session.push_config(self._config_text(session, current))
-
-    @staticmethod
-    def _config_text(session: Session, current: dict[str, Any]) -> str:
-        """``config.current`` as this session sees it: a pipeline with avatars says which one
-        this session shows (its choice, else the pipeline's ``avatar`` or ``default_avatar``)."""
-        avatar = session.avatar or current.get("avatar") or current.get("default_avatar")
-        if avatar is not None:
-            current = {**current, "avatar": avatar}
-        return protocol.encode_message(protocol.CONFIG_CURRENT, current)
+            session.push_config(config_text(session, current))
 
 
 async def _refuse(connection: ServerConnection, code: ErrorCode, message: str, close_code: CloseCode,
