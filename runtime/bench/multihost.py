@@ -1,6 +1,6 @@
 """Section 'multihost': the runtime between two hosts, on one machine.
 
-    python -m runtime.bench.multihost [--quick] [--rounds N] [--out-dir DIR]
+    python launch/bench.py --sections multihost [--quick] [--rounds N]
 
 The two "hosts" are Linux network namespaces joined by a veth pair
 (``runtime.bench.virtual_hosts.veth_pair``): every byte between them crosses a network
@@ -19,18 +19,15 @@ Needs root and iproute2 (namespaces); without them the section is skipped, sayin
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
 import sys
-import tempfile
 from contextlib import ExitStack
-from pathlib import Path
 
 import torch
 
-from runtime.bench import multihost_pipeline, multihost_transport, report
+from runtime.bench import multihost_pipeline, multihost_transport
 from runtime.bench.options import BenchOptions
 from runtime.bench.progress import Progress
 from runtime.bench.results import PlotSpec, SectionResult
@@ -99,22 +96,3 @@ def setup_note(setup: dict) -> str:
             f"traffic between them crosses the kernel's TCP stack, on this machine's {os.cpu_count()} CPU cores "
             f"(both hosts share them). torch {torch.__version__}, Python {sys.version.split()[0]}. Load average "
             f"(1/5/15 min) {before} at the start, {after} at the end: what else ran on the machine.")
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Between two hosts (benchmark section 'multihost').")
-    parser.add_argument("--quick", action="store_true", help="one short transport round, 1.5 s pipeline runs")
-    parser.add_argument("--rounds", type=int, help="transport rounds, full mode only (default: BenchOptions.rounds)")
-    parser.add_argument("--out-dir", type=Path, help="where the logs go (default: a new temp folder)")
-    args = parser.parse_args(argv)
-    options = BenchOptions(out_dir=args.out_dir or Path(tempfile.mkdtemp(prefix="multihost-bench-")),
-                           quick=args.quick, sections=("multihost",),
-                           **({"rounds": args.rounds} if args.rounds else {}))
-    progress = Progress(steps(options))
-    result = run(options, progress)
-    progress.close()
-    print(report.section_markdown(result))
-
-
-if __name__ == "__main__":
-    main()
